@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Idempotent set-up of a fresh machine: .venv (or conda with INIT_USE_CONDA=1), pinned packages,
+# the right torch build. Usage: ./init.sh [--dev]   (--dev adds the test tools)
+set -euo pipefail
+cd "$(dirname "$0")"
+
+DEV=0
+for arg in "$@"; do
+  case "$arg" in
+    --dev) DEV=1 ;;
+    -h|--help) sed -n '2,3p' "$0"; exit 0 ;;
+    *) echo "error: unknown option $arg (use --dev)" >&2; exit 2 ;;
+  esac
+done
+
+PYTHON=${PYTHON:-python3}
+TORCH_VERSION=2.13.0
+say() { printf '[init] %s\n' "$*"; }
+fail() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+command -v "$PYTHON" >/dev/null || fail "$PYTHON not found; install Python 3.11 or newer"
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+  || fail "Python 3.11+ is required, found $("$PYTHON" -V 2>&1) ($PYTHON)"
+
+if [ "${INIT_USE_CONDA:-0}" = "1" ]; then
+  command -v conda >/dev/null || fail "INIT_USE_CONDA=1 but conda is not on PATH"
+  [ -d .venv ] || { say "creating conda env in .venv"; conda create -y -p .venv python=3.11 >/dev/null; }
+else
+  [ -x .venv/bin/python ] || { say "creating virtual environment .venv"; "$PYTHON" -m venv .venv; }
+fi
+PY=.venv/bin/python
+pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@" \
+  || fail "pip could not install $* (is the package registry reachable? see the pip output above)"; }
+
+OS=$(uname -s)
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
+  TORCH_KIND=cuda
+else
+  TORCH_KIND=cpu
+fi
+STAMP=".venv/.pokemon-gemma-$(cat requirements.txt requirements-dev.txt init.sh | sha256sum | cut -c1-16)-$TORCH_KIND-dev$DEV"
+if [ -f "$STAMP" ]; then
+  say "environment up to date ($STAMP)"; exit 0
+fi
+
+say "checking the package registry"
+"$PY" -m pip download --disable-pip-version-check -q --no-deps --dest "$(mktemp -d)" python-dotenv==1.2.4 >/dev/null 2>&1 \
+  || fail "cannot reach the Python package registry (pip download failed); check network/proxy settings"
+
+if "$PY" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
+  say "torch $TORCH_VERSION already installed"
+elif [ "$TORCH_KIND" = cuda ]; then
+  say "NVIDIA GPU found: installing a CUDA build of torch==$TORCH_VERSION"
+  pip_install "torch==$TORCH_VERSION" --index-url "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cu128}" \
+    --extra-index-url https://pypi.org/simple
+else
+  # Exactly this pin: a looser one pulls a multi-GB CUDA build. No torchvision on CPU (it breaks transformers).
+  say "no NVIDIA GPU: installing the CPU build torch==$TORCH_VERSION"
+  pip_install "torch==$TORCH_VERSION"
+fi
+
+say "installing pinned requirements"
+pip_install -r requirements.txt
+if [ "$OS" = Darwin ]; then
+  say "macOS: installing mlx + mlx-vlm"
+  pip_install "mlx==0.32.4" "mlx-vlm==0.7.10"
+else
+  # Plain `mlx` on Linux is a stub that fails to import: the CPU backend is the [cpu] extra.
+  say "Linux: installing mlx[cpu] + mlx-vlm[cpu]"
+  pip_install "mlx[cpu]==0.32.4" "mlx-vlm[cpu]==0.7.10"
+fi
+if [ "$DEV" = 1 ]; then
+  say "installing test tools"
+  pip_install -r requirements-dev.txt
+fi
+
+"$PY" -c "import torch, transformers, peft, accelerate; print(f'[init] torch {torch.__version__} (cuda: {torch.cuda.is_available()}), transformers {transformers.__version__}, peft {peft.__version__}, accelerate {accelerate.__version__}')"
+rm -f .venv/.pokemon-gemma-*
+touch "$STAMP"
+[ -f .env ] || { cp .env.example .env; say "created .env from .env.example"; }
+say "done: activate with 'source .venv/bin/activate'"

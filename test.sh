@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Install (if needed) and run the whole test suite. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")"
+./init.sh --dev
+# One torch thread: two-thread runs stalled intermittently on the 2-core CI machines.
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 \
+       WANDB_MODE=offline WANDB_SILENT=true
+exec .venv/bin/python -m pytest -q "$@"
