@@ -1,0 +1,217 @@
+"""One collator for training, batch-size probing, validation and scoring.
+
+A sample is Gemma 3's chat template: a user turn with 4 image entries (or one 2x2 grid image) then
+the context and question, and a model turn with the answer JSON. The processor expands each image
+into its soft tokens; labels cover only the answer and its closing `<end_of_turn>`. Image tokens and
+the answer are never truncated: an over-long sample loses context text first, else it is rejected.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+import torch
+from PIL import Image
+
+from .dataset import FRAMES_PER_SAMPLE, Record
+
+IGNORE_INDEX = -100
+GRID_NOTE = "The 4 frames are tiled 2x2 in one image: oldest top-left, then top-right, bottom-left, newest bottom-right."
+
+
+class SampleError(ValueError):
+    """A sample that cannot be trained on as is; the message names the sample."""
+
+
+@dataclass
+class EncodedSample:
+    sample_id: str
+    input_ids: torch.Tensor  # (T,)
+    token_type_ids: torch.Tensor  # (T,) 1 on image soft tokens
+    labels: torch.Tensor | None  # (T,) IGNORE_INDEX outside the answer
+    pixel_values: torch.Tensor  # (n_images, 3, H, W)
+    context_shortened: bool = False
+
+    @property
+    def length(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def n_labels(self) -> int:
+        return 0 if self.labels is None else int((self.labels != IGNORE_INDEX).sum())
+
+
+def tile_grid(frames: list[Image.Image]) -> Image.Image:
+    """Tile 4 frames 2x2 into one image (a quarter of the image tokens of 4 separate images)."""
+    w, h = frames[0].size
+    grid = Image.new("RGB", (2 * w, 2 * h))
+    for i, frame in enumerate(frames):
+        grid.paste(frame.resize((w, h)), ((i % 2) * w, (i // 2) * h))
+    return grid
+
+
+class FrameLoader:
+    """Decodes frames to RGB with a small LRU cache: a frame recurs in up to 4 sliding windows."""
+
+    def __init__(self, cache_size: int = 512):
+        self.cache: OrderedDict[str, Image.Image] = OrderedDict()
+        self.cache_size = cache_size
+
+    def load(self, path: str) -> Image.Image:
+        image = self.cache.get(path)
+        if image is not None:
+            self.cache.move_to_end(path)
+            return image
+        try:
+            with Image.open(path) as im:
+                image = im.convert("RGB")
+        except (OSError, ValueError) as exc:
+            raise SampleError(f"{path}: cannot decode frame ({exc})") from None
+        self.cache[path] = image
+        if len(self.cache) > self.cache_size:
+            self.cache.popitem(last=False)
+        return image
+
+
+def blank_like(image: Image.Image) -> Image.Image:
+    return Image.new("RGB", image.size, (0, 0, 0))
+
+
+class Collator:
+    """Turns Records into model batches (padded on the right).
+
+    `encode` checks every sample: exactly one `<bos>`, image soft tokens == n_images x
+    mm_tokens_per_image, and (with an answer) at least one labelled token.
+    """
+
+    def __init__(self, processor, max_seq_length: int = 2048, frame_layout: str = "images",
+                 blank_frames: bool = False, pixel_dtype: torch.dtype = torch.float32):
+        if frame_layout not in ("images", "grid"):
+            raise ValueError(f"frame_layout must be images or grid, got {frame_layout!r}")
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.max_seq_length = max_seq_length
+        self.frame_layout = frame_layout
+        self.blank_frames = blank_frames
+        self.pixel_dtype = pixel_dtype
+        self.frames = FrameLoader()
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.tokenizer.image_token)
+        self.end_of_turn_id = self.tokenizer.convert_tokens_to_ids("<end_of_turn>")
+        self.tokens_per_image = int(processor.image_seq_length)
+        self.n_images = 1 if frame_layout == "grid" else FRAMES_PER_SAMPLE
+
+    # --- text
+    def user_text(self, context: str, question: str) -> str:
+        parts = [p for p in (context.strip(), question.strip()) if p]
+        if self.frame_layout == "grid":
+            parts.insert(0, GRID_NOTE)
+        return "\n\n".join(parts)
+
+    def prompt_text(self, context: str, question: str) -> str:
+        """The templated prompt up to and including `<start_of_turn>model\\n`."""
+        content = [{"type": "image"} for _ in range(self.n_images)]
+        content.append({"type": "text", "text": self.user_text(context, question)})
+        messages = [{"role": "user", "content": content}]
+        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def images_for(self, frame_paths: list[str], images: list[Image.Image] | None = None) -> list[Image.Image]:
+        frames = images if images is not None else [self.frames.load(p) for p in frame_paths]
+        if len(frames) != FRAMES_PER_SAMPLE:
+            raise SampleError(f"expected {FRAMES_PER_SAMPLE} frames, got {len(frames)}")
+        if self.blank_frames:
+            frames = [blank_like(f) for f in frames]
+        return [tile_grid(frames)] if self.frame_layout == "grid" else frames
+
+    def _expanded_token_count(self, text: str) -> int:
+        """Token count of templated text once the processor has expanded every image."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        n_images = text.count(self.processor.boi_token)
+        # Each image placeholder (1 token) becomes "\n\n" + boi + soft tokens + eoi + "\n\n".
+        extra = len(self.tokenizer(self.processor.full_image_sequence, add_special_tokens=False)["input_ids"]) - 1
+        return len(ids) + n_images * extra
+
+    # --- encoding
+    def encode(self, record: Record, with_answer: bool = True, images: list[Image.Image] | None = None) -> EncodedSample:
+        sample_id = record.sample_id
+        answer = record.output.strip() + "<end_of_turn>\n" if with_answer else ""
+        context, shortened = self.fit_context(record.context, record.question, answer, sample_id)
+        prompt = self.prompt_text(context, record.question)
+        imgs = self.images_for(record.frames, images)
+        enc = self.processor(text=[prompt + answer], images=[imgs], return_tensors="pt", add_special_tokens=False)
+        input_ids = enc["input_ids"][0]
+        if "token_type_ids" not in enc:
+            raise SampleError(f"{sample_id}: processor returned no token_type_ids (image attention would be causal)")
+        self._check(sample_id, input_ids, len(imgs))
+        labels = None
+        if with_answer:
+            n_prompt = self._expanded_token_count(prompt)
+            labels = torch.full_like(input_ids, IGNORE_INDEX)
+            eot_positions = (input_ids == self.end_of_turn_id).nonzero().flatten()
+            answer_end = int(eot_positions[-1]) + 1 if len(eot_positions) else 0
+            labels[n_prompt:answer_end] = input_ids[n_prompt:answer_end]
+            if answer_end <= n_prompt:
+                raise SampleError(f"{sample_id}: no labelled answer tokens")
+            # Exact labels: the supervised tokens must decode to the answer and its <end_of_turn>.
+            supervised = self.tokenizer.decode(input_ids[n_prompt:answer_end])
+            if supervised.strip() != answer.strip():
+                raise SampleError(f"{sample_id}: labels do not align with the answer ({supervised[:40]!r}...)")
+        return EncodedSample(sample_id, input_ids, enc["token_type_ids"][0], labels,
+                             enc["pixel_values"].to(self.pixel_dtype), shortened)
+
+    def _check(self, sample_id: str, input_ids: torch.Tensor, n_images: int) -> None:
+        n_bos = int((input_ids == self.tokenizer.bos_token_id).sum())
+        if n_bos != 1:
+            raise SampleError(f"{sample_id}: expected exactly one <bos>, found {n_bos}")
+        n_soft = int((input_ids == self.image_token_id).sum())
+        if n_soft != n_images * self.tokens_per_image:
+            raise SampleError(f"{sample_id}: {n_soft} image soft tokens, expected {n_images} x {self.tokens_per_image}")
+
+    def sample_length(self, record: Record, with_answer: bool = True) -> int:
+        """Token length with every image soft token, before any shortening (no image decoding)."""
+        answer = record.output.strip() + "<end_of_turn>\n" if with_answer else ""
+        return self._expanded_token_count(self.prompt_text(record.context, record.question) + answer)
+
+    def fit_context(self, context: str, question: str, answer: str, sample_id: str) -> tuple[str, bool]:
+        """Shorten the context (keeping its start: the goal) until the sample fits, else reject."""
+        length = self._expanded_token_count(self.prompt_text(context, question) + answer)
+        if length <= self.max_seq_length:
+            return context, False
+        ctx_ids = self.tokenizer(context, add_special_tokens=False)["input_ids"]
+        keep = len(ctx_ids) - (length - self.max_seq_length)
+        while keep > 0:
+            shorter = self.tokenizer.decode(ctx_ids[:keep]).rstrip() + " …"
+            if self._expanded_token_count(self.prompt_text(shorter, question) + answer) <= self.max_seq_length:
+                return shorter, True
+            keep -= max(1, len(ctx_ids) // 20)
+        if self._expanded_token_count(self.prompt_text("", question) + answer) <= self.max_seq_length:
+            return "", True
+        raise SampleError(
+            f"{sample_id}: {length} tokens exceed --max_seq_length {self.max_seq_length} even without context "
+            f"(images and answer are never truncated; raise --max_seq_length or use --frame_layout grid)"
+        )
+
+    # --- batching
+    def pad(self, samples: list[EncodedSample]) -> dict[str, torch.Tensor]:
+        width = max(s.length for s in samples)
+        pad_id = self.tokenizer.pad_token_id
+
+        def stack(attr: str, fill: int) -> torch.Tensor:
+            out = torch.full((len(samples), width), fill, dtype=torch.long)
+            for i, s in enumerate(samples):
+                out[i, : s.length] = getattr(s, attr)
+            return out
+
+        lengths = torch.tensor([s.length for s in samples])
+        batch = {
+            "input_ids": stack("input_ids", pad_id),
+            "attention_mask": (torch.arange(width)[None, :] < lengths[:, None]).long(),
+            "token_type_ids": stack("token_type_ids", 0),
+            "pixel_values": torch.cat([s.pixel_values for s in samples]),
+        }
+        if all(s.labels is not None for s in samples):
+            batch["labels"] = stack("labels", IGNORE_INDEX)
+        return batch
+
+    def __call__(self, records: list[Record]) -> dict[str, torch.Tensor]:
+        return self.pad([self.encode(r) for r in records])
+
