@@ -1,0 +1,509 @@
+"""Eevee v1 runs → 4-frame JSONL records: windows, labels, context, splits, summary.
+
+One session is converted at a time (`convert_session`, run in a process pool with `workers > 1`),
+its records are appended to a temp file, and only per-session counters stay in memory, so memory is
+flat in the corpus size. Splits are assigned per session id once all sessions are known, in a
+second pass over the temp file that needs no JSON parsing (records are grouped by session).
+
+Window rule: `min_frames`..4 consecutive entries of the recorded turn list ending at the target
+turn; a hole in the turn numbers alone does not break a window, a malformed turn, a missing or
+corrupt frame, or a time gap does. Windows shorter than 4 (only when --min_frames < 4) repeat their
+oldest frame. The label is the first valid button of the target turn's own decision; a target with
+no such button is skipped and counted, never defaulted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+from .dataset import FRAMES_PER_SAMPLE, QUESTION, make_output
+from .eevee import Problem, Session, SessionError, Turn, find_runs_dir, iter_session_dirs, read_session, \
+    scene_from_visual_txt
+from .fileio import atomic_open, atomic_write_json
+
+FULL_NAME = "pokemon_4frame_dataset_full.jsonl"
+SPLITS = ("train", "val", "test")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MAX_PROBLEMS_IN_SUMMARY = 2000
+MAX_WARNINGS_PRINTED = 50
+
+# Session-level reasons that mean "this session gave nothing" (also problems for --strict).
+FIX_HINTS = {
+    "no_session_data": "only folders with session_data.json are sessions",
+    "unreadable": "check file permissions/encoding",
+    "empty_file": "re-export the session or delete the folder",
+    "invalid_json": "the file is truncated or corrupt; restore it or delete the session",
+    "wrong_type": "the field has the wrong JSON type; see ../shared/eevee-v1-format.md",
+    "unrecognised_format": "not an Eevee v1 session_data.json (V0-V3)",
+    "unexpected_fields": "keys outside the V0-V3 formats; remove them or extend pokemon_gemma/eevee.py",
+    "empty_session": "the session has no turns",
+    "turn_order": "turn numbers must increase in the recorded list",
+    "bad_timestamp": "turn timestamps must be ISO times",
+    "missing_frame": "the turn's sshots/step_NNNN_grid.png is missing",
+    "corrupt_frame": "the PNG does not decode; re-capture or delete it",
+    "too_few_turns": "fewer recorded turns than --min_frames",
+    "no_frames": "no turn has a frame file (V0 screenshot paths point at the recording machine)",
+    "no_valid_windows": "every window was skipped; see windows_skipped for why",
+    "duplicate_session_id": "two folders hold the same session_id; keep one",
+}
+
+
+class ConvertError(Exception):
+    """--strict: the first problem found (message is `file: reason: detail (hint)`)."""
+
+
+class UsageError(ValueError):
+    """Bad options (exit code 2)."""
+
+
+@dataclass
+class ConvertOptions:
+    min_frames: int = 4
+    max_gap_seconds: float = 60.0
+    copy_images: bool = False
+    output_dir: str = ""          # images go to output_dir/images/<session>/ when copy_images
+
+    def check(self) -> None:
+        if not 1 <= self.min_frames <= FRAMES_PER_SAMPLE:
+            raise UsageError(f"--min_frames must be between 1 and {FRAMES_PER_SAMPLE}, got {self.min_frames}")
+
+
+@dataclass
+class SessionResult:
+    dir: str
+    image_key: str                                     # folder name under images/ (unique per session folder)
+    session_id: str | None = None
+    version: str | None = None
+    records: list[dict[str, Any]] = field(default_factory=list)
+    candidates: int = 0                                # target positions examined
+    window_skips: Counter = field(default_factory=Counter)
+    problems: list[Problem] = field(default_factory=list)
+    skip_reason: str | None = None
+    skip_detail: str = ""
+    n_turns: int = 0
+    frames_checked: int = 0
+    images_copied: int = 0
+    window_digests: list[bytes] = field(default_factory=list)
+
+
+def hint(reason: str) -> str:
+    return FIX_HINTS.get(reason, "see summary.json")
+
+
+def check_frame(path: Path) -> tuple[str | None, bytes]:
+    """(None, digest) for a PNG that decodes; (reason, b"") otherwise. Reads the file once."""
+    from PIL import Image
+
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return "missing_frame", b""
+    if not data.startswith(PNG_SIGNATURE):
+        return "corrupt_frame", b""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.verify()  # chunk CRCs + structure, without decoding every pixel
+    except Exception:  # PIL raises many types for broken files
+        return "corrupt_frame", b""
+    return None, hashlib.blake2b(data, digest_size=8).digest()
+
+
+def scene_context(session: Session, t: Turn) -> str:
+    """The target's scene context (navigation/battle/menu/...): context_detected, then vision scene_type."""
+    if t.context_detected:
+        return t.context_detected
+    if t.scene_type:
+        return t.scene_type
+    return scene_from_visual_txt(session.dir / f"step_{t.turn:04d}_visual_analysis.txt") or "unknown"
+
+
+def build_context(goal: str, earlier: list[Turn | None]) -> str:
+    """Model-visible text: the goal and what EARLIER turns did; never the target turn's own fields."""
+    lines = [f"Goal: {goal}" if goal else "Goal: (not recorded)"]
+    known = [t for t in earlier if t is not None]
+    if known:
+        lines.append("Previous buttons (oldest first): " + ", ".join(t.label or "unknown" for t in known))
+        last = earlier[-1]
+        if last is not None and (last.context_detected or last.scene_type):
+            lines.append(f"Previous scene: {last.context_detected or last.scene_type}")
+    return "\n".join(lines)
+
+
+def _frame_ref(session: Session, res: SessionResult, t: Turn, opts: ConvertOptions) -> str:
+    if opts.copy_images:
+        return f"images/{res.image_key}/step_{t.turn:04d}_grid.png"
+    return os.path.abspath(t.frame)
+
+
+def _copy_frame(src: Path, dest: Path) -> bool:
+    """Copy once: an existing copy with the same size and mtime is kept (reruns are cheap)."""
+    try:
+        st = src.stat()
+        dst = dest.stat()
+        if dst.st_size == st.st_size and int(dst.st_mtime) == int(st.st_mtime):
+            return False
+    except FileNotFoundError:
+        pass
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.copy2(src, tmp)
+    os.replace(tmp, dest)
+    return True
+
+
+def convert_session(session_dir: str | Path, opts: ConvertOptions) -> SessionResult:
+    """All windows of one session folder, with every skipped window counted by reason."""
+    session_dir = Path(session_dir)
+    name = session_dir.name
+    res = SessionResult(dir=str(session_dir), image_key=name[len("session_"):] if name.startswith("session_") else name)
+    try:
+        session = read_session(session_dir)
+    except SessionError as exc:
+        res.problems.append(exc.problem)
+        res.skip_reason, res.skip_detail = exc.problem.reason, exc.problem.detail
+        return res
+    res.session_id, res.version, res.n_turns = session.session_id, session.version, len(session.turns)
+    res.problems.extend(session.problems)
+    turns = session.turns
+    if len(turns) < opts.min_frames:
+        res.skip_reason, res.skip_detail = "too_few_turns", f"{len(turns)} turns < --min_frames {opts.min_frames}"
+        res.problems.append(Problem(str(session.data_file), res.skip_reason, res.skip_detail))
+        return res
+    if not any(t.frame for t in turns if not t.error):
+        res.skip_reason = "no_frames"
+        res.skip_detail = f"none of {len(turns)} turns has a frame file ({session.version})"
+        res.problems.append(Problem(str(session.dir), res.skip_reason, res.skip_detail))
+        return res
+
+    frame_status: dict[int, tuple[str | None, bytes]] = {}
+    bad_frames: dict[str, list[str]] = {}
+
+    def frame_ok(t: Turn) -> str | None:
+        if t.index not in frame_status:
+            if t.frame is None:
+                status: tuple[str | None, bytes] = ("missing_frame", b"")
+            else:
+                status = check_frame(t.frame)
+                res.frames_checked += 1
+            frame_status[t.index] = status
+            if status[0]:
+                where = str(t.frame) if t.frame else str(session.dir / "sshots" / f"step_{t.turn:04d}_grid.png")
+                bad_frames.setdefault(status[0], []).append(where)
+        return frame_status[t.index][0]
+
+    gap_limit = opts.max_gap_seconds if opts.max_gap_seconds > 0 else math.inf
+    used: dict[int, Turn] = {}
+    for i in range(opts.min_frames - 1, len(turns)):
+        res.candidates += 1
+        target = turns[i]
+        if target.error:
+            res.window_skips["malformed_turn"] += 1
+            continue
+        if target.label is None:
+            res.window_skips[target.no_label_reason or "no_label"] += 1
+            continue
+        run, reason = [target], frame_ok(target)
+        j = i
+        while reason is None and len(run) < FRAMES_PER_SAMPLE and j > 0:
+            prev, cur = turns[j - 1], turns[j]
+            if prev.error:
+                reason = "malformed_turn"
+            elif not 0 <= cur.time - prev.time <= gap_limit:
+                reason = "time_gap"
+            else:
+                reason = frame_ok(prev)
+            if reason is None:
+                run.insert(0, prev)
+                j -= 1
+        if len(run) < opts.min_frames:
+            res.window_skips[reason or "session_start"] += 1
+            continue
+        pad = FRAMES_PER_SAMPLE - len(run)
+        slots: list[Turn | None] = [None] * pad + run   # None = padding (repeats the oldest frame)
+        frames_turns = [run[0]] * pad + run
+        for t in run:
+            used[t.index] = t
+        context = scene_context(session, target)
+        earlier = slots[:-1]
+        res.records.append({
+            "frames": [_frame_ref(session, res, t, opts) for t in frames_turns],
+            "context": build_context(session.goal, earlier),
+            "question": QUESTION,
+            "output": make_output(target.label, target.reasoning, context, target.observations),
+            "metadata": {
+                "session_id": session.session_id,
+                "turns": [t.turn for t in frames_turns],
+                "session_goal": session.goal,
+                "button": target.label,
+                "buttons": target.raw_buttons,
+                "confidence": target.confidence,
+                "template_used": target.template_used,
+                "template_version": target.template_version,
+                "previous_buttons": [t.label if t else None for t in earlier],
+                "context_detected": target.context_detected,
+                "context": context,
+                "scene_context": context,
+                "scene_type": target.scene_type,
+                "padded_frames": pad,
+                "format_version": session.version,
+                "source": "eevee_v1",
+            },
+        })
+        res.window_digests.append(hashlib.blake2b(b"".join(frame_status[t.index][1] for t in frames_turns),
+                                                  digest_size=8).digest())
+
+    for reason, paths in bad_frames.items():
+        more = f" (and {len(paths) - 1} more in this session)" if len(paths) > 1 else ""
+        res.problems.append(Problem(paths[0], reason, f"frame needed by a window{more}"))
+    if not res.records:
+        res.skip_reason = "no_valid_windows"
+        res.skip_detail = ", ".join(f"{k} {v}" for k, v in res.window_skips.most_common())
+        res.problems.append(Problem(str(session.data_file), res.skip_reason, f"windows skipped: {res.skip_detail}"))
+    elif opts.copy_images:
+        images = Path(opts.output_dir) / "images" / res.image_key
+        for t in used.values():
+            res.images_copied += _copy_frame(t.frame, images / f"step_{t.turn:04d}_grid.png")
+    return res
+
+
+def split_of(session_ids: list[str], val_fraction: float, test_fraction: float, seed: int) -> dict[str, str]:
+    """Deterministic split by session id: sessions ordered by a seeded hash, exact counts per split.
+
+    At least one session goes to val/test when its fraction is > 0 and there are >= 3 sessions."""
+    order = sorted(session_ids, key=lambda s: hashlib.sha256(f"{seed}:{s}".encode()).hexdigest())
+    n = len(order)
+
+    def count(frac: float) -> int:
+        return 0 if frac <= 0 else max(1 if n >= 3 else 0, round(n * frac))
+
+    n_test, n_val = count(test_fraction), count(val_fraction)
+    out = {s: "test" for s in order[:n_test]}
+    out.update({s: "val" for s in order[n_test:n_test + n_val]})
+    out.update({s: "train" for s in order[n_test + n_val:]})
+    return out
+
+
+def _stderr_warn(line: str) -> None:
+    print(f"warning: {line}", file=sys.stderr)
+
+
+def convert_corpus(eevee_data_dir: str | Path, output_dir: str | Path, *, min_frames: int = 4,
+                   val_fraction: float = 0.1, test_fraction: float = 0.1, split_seed: int = 0,
+                   max_gap_seconds: float = 60.0, copy_images: bool = False, workers: int = 1,
+                   strict: bool = False, progress: bool = True,
+                   warn: Callable[[str], None] = _stderr_warn) -> dict[str, Any]:
+    """Convert every session under `eevee_data_dir`; write the JSONL files and summary.json; return the summary.
+
+    Raises UsageError for bad options, ConvertError in strict mode at the first problem."""
+    started = time.perf_counter()
+    src, out = Path(eevee_data_dir), Path(output_dir)
+    if not src.is_dir():
+        raise UsageError(f"--eevee_data_dir {src} is not a folder")
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise UsageError("--val_fraction and --test_fraction must be in [0, 1) and sum to less than 1")
+    if workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {workers}")
+    opts = ConvertOptions(min_frames=min_frames, max_gap_seconds=max_gap_seconds, copy_images=copy_images,
+                          output_dir=str(out.resolve()))
+    opts.check()
+    runs_dir = find_runs_dir(src)
+    session_dirs = list(iter_session_dirs(runs_dir))
+    out.mkdir(parents=True, exist_ok=True)
+
+    # per-session counters only (ids, window counts, label/context counts): no records kept in memory
+    used: list[tuple[str, int, Counter, Counter]] = []
+    seen_ids: dict[str, str] = {}
+    skipped: list[dict[str, Any]] = []
+    sessions_skipped: Counter = Counter()
+    window_skips: Counter = Counter()
+    problems_by_reason: Counter = Counter()
+    problem_items: list[dict[str, str]] = []
+    versions: Counter = Counter()
+    digests: set[bytes] = set()
+    totals = Counter()
+    warned = 0
+
+    def note_problem(p: Problem) -> None:
+        nonlocal warned
+        problems_by_reason[p.reason] += 1
+        if len(problem_items) < MAX_PROBLEMS_IN_SUMMARY:
+            problem_items.append(p.to_dict())
+        if strict:
+            raise ConvertError(f"{p.line()} ({hint(p.reason)})")
+        if warned < MAX_WARNINGS_PRINTED:
+            warn(f"{p.line()} ({hint(p.reason)})")
+        elif warned == MAX_WARNINGS_PRINTED:
+            warn("more problems not printed; see summary.json")
+        warned += 1
+
+    pool = None
+    work = partial(convert_session, opts=opts)
+    if workers > 1 and len(session_dirs) > 1:
+        import multiprocessing
+
+        pool = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn").Pool(workers)
+        results = pool.imap(work, [str(d) for d in session_dirs], chunksize=1)  # ordered: output independent of workers
+    else:
+        results = map(work, session_dirs)
+
+    bar = None
+    if progress:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        bar = Progress(TextColumn("converting sessions"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                       TextColumn("{task.fields[windows]} windows"), transient=False)
+        task = bar.add_task("convert", total=len(session_dirs), windows=0)
+        bar.start()
+    try:
+        with atomic_open(out / FULL_NAME) as full:
+            for res in results:
+                totals["turns"] += res.n_turns
+                totals["frames_checked"] += res.frames_checked
+                totals["images_copied"] += res.images_copied
+                totals["candidates"] += res.candidates
+                window_skips.update(res.window_skips)
+                if res.version:
+                    versions[res.version] += 1
+                for p in res.problems:
+                    note_problem(p)
+                if res.records and res.session_id in seen_ids:
+                    p = Problem(res.dir, "duplicate_session_id",
+                                f"session_id {res.session_id} already read from {seen_ids[res.session_id]}")
+                    note_problem(p)
+                    res.skip_reason, res.skip_detail = p.reason, p.detail
+                    totals["duplicates_removed"] += len(res.records)
+                    if copy_images:
+                        shutil.rmtree(out / "images" / res.image_key, ignore_errors=True)
+                    res.records = []
+                if not res.records:
+                    sessions_skipped[res.skip_reason] += 1
+                    skipped.append({"session_id": res.session_id, "path": res.dir, "format_version": res.version,
+                                    "reason": res.skip_reason, "detail": res.skip_detail,
+                                    "windows_skipped": dict(res.window_skips)})
+                else:
+                    seen_ids[res.session_id] = res.dir
+                    labels, contexts = Counter(), Counter()
+                    for rec in res.records:
+                        full.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                        labels[rec["metadata"]["button"]] += 1
+                        contexts[rec["metadata"]["context"]] += 1
+                    for d in res.window_digests:
+                        totals["identical_frame_windows"] += d in digests
+                        digests.add(d)
+                    used.append((res.session_id, len(res.records), labels, contexts))
+                    totals["produced"] += len(res.records)
+                if bar is not None:
+                    bar.update(task, advance=1, windows=totals["produced"])
+            if not used:
+                raise _NothingConverted()
+    except _NothingConverted:
+        pass
+    finally:
+        if bar is not None:
+            bar.stop()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+
+    assignment = split_of([u[0] for u in used], val_fraction, test_fraction, split_seed)
+    split_stats = {s: {"sessions": 0, "windows": 0, "labels": Counter(), "contexts": Counter()} for s in SPLITS}
+    for sid, n, labels, contexts in used:
+        st = split_stats[assignment[sid]]
+        st["sessions"] += 1
+        st["windows"] += n
+        st["labels"].update(labels)
+        st["contexts"].update(contexts)
+    if used:
+        _write_splits(out, [(assignment[sid], n) for sid, n, _, _ in used])
+
+    produced = sum(u[1] for u in used)
+    summary = {
+        "eevee_data_dir": str(src),
+        "runs_dir": str(runs_dir),
+        "output_dir": str(out),
+        "options": {"min_frames": min_frames, "val_fraction": val_fraction, "test_fraction": test_fraction,
+                    "split_seed": split_seed, "max_gap_seconds": max_gap_seconds, "copy_images": copy_images,
+                    "workers": workers, "strict": strict},
+        "sessions": {"found": len(session_dirs), "used": len(used), "skipped": len(skipped),
+                     "skipped_by_reason": dict(sessions_skipped.most_common()),
+                     "format_versions": dict(sorted(versions.items()))},
+        "skipped_sessions": skipped,
+        "turns": totals["turns"],
+        "frames_checked": totals["frames_checked"],
+        "images_copied": totals["images_copied"],
+        "windows": {
+            "candidates": totals["candidates"],
+            "produced": produced,
+            "duplicates_removed": totals["duplicates_removed"],
+            "skipped": sum(window_skips.values()),
+            "skipped_by_reason": dict(window_skips.most_common()),
+            "identical_frame_windows": totals["identical_frame_windows"],
+            "note": "candidates = produced + duplicates_removed + skipped; identical_frame_windows (same 4 frame "
+                    "files' bytes as an earlier window, e.g. a shared save state) are kept and only counted",
+        },
+        "labels": dict(sum((s["labels"] for s in split_stats.values()), Counter()).most_common()),
+        "contexts": dict(sum((s["contexts"] for s in split_stats.values()), Counter()).most_common()),
+        "splits": {s: {"sessions": v["sessions"], "windows": v["windows"], "labels": dict(v["labels"].most_common()),
+                       "contexts": dict(v["contexts"].most_common())} for s, v in split_stats.items()},
+        "problems": {"count": sum(problems_by_reason.values()), "by_reason": dict(problems_by_reason.most_common()),
+                     "items": problem_items},
+        "elapsed_s": round(time.perf_counter() - started, 3),
+    }
+    atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+class _NothingConverted(Exception):
+    """Internal: abandon the temp full file (no output written) when no session produced a window."""
+
+
+def _write_splits(out: Path, runs: list[tuple[str, int]]) -> None:
+    """Copy lines of the full file into train/val/test; `runs` = (split, n lines) per session, in file order."""
+    with open(out / FULL_NAME, encoding="utf-8") as full, atomic_open(out / "train.jsonl") as tr, \
+            atomic_open(out / "val.jsonl") as va, atomic_open(out / "test.jsonl") as te:
+        sinks = {"train": tr, "val": va, "test": te}
+        for split, n in runs:
+            sink = sinks[split]
+            for _ in range(n):
+                sink.write(full.readline())
+
+
+def summary_table(summary: dict[str, Any]):
+    """A rich Table of the summary for the console."""
+    from rich.table import Table
+
+    table = Table(title=f"Eevee v1 → 4-frame JSONL ({summary['output_dir']})")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    s, w = summary["sessions"], summary["windows"]
+    table.add_row("sessions found / used / skipped", f"{s['found']} / {s['used']} / {s['skipped']}")
+    for reason, n in s["skipped_by_reason"].items():
+        table.add_row(f"  session skipped: {reason}", str(n))
+    table.add_row("format versions", ", ".join(f"{k} {v}" for k, v in s["format_versions"].items()) or "-")
+    table.add_row("windows candidates / produced", f"{w['candidates']} / {w['produced']}")
+    for reason, n in w["skipped_by_reason"].items():
+        table.add_row(f"  window skipped: {reason}", str(n))
+    table.add_row("duplicates removed", str(w["duplicates_removed"]))
+    table.add_row("identical-frame windows (kept)", str(w["identical_frame_windows"]))
+    for split, st in summary["splits"].items():
+        table.add_row(f"{split}: sessions / windows", f"{st['sessions']} / {st['windows']}")
+    table.add_row("labels", ", ".join(f"{k} {v}" for k, v in summary["labels"].items()) or "-")
+    table.add_row("problems", ", ".join(f"{k} {v}" for k, v in summary["problems"]["by_reason"].items()) or "none")
+    table.add_row("elapsed", f"{summary['elapsed_s']:.1f} s")
+    return table
+
+
+__all__ = ["ConvertError", "ConvertOptions", "FULL_NAME", "SessionResult", "UsageError", "build_context",
+           "check_frame", "convert_corpus", "convert_session", "split_of", "summary_table"]
