@@ -39,9 +39,11 @@ class ButtonScores:
 
 
 class ButtonScorer:
-    def __init__(self, model, collator: Collator):
+    def __init__(self, model, collator: Collator, causal_images: bool = False):
         self.model = model
         self.collator = collator
+        # causal_images: no token_type_ids, so images attend causally as in an MLX export (verification).
+        self.causal_images = causal_images
         self.tokenizer = collator.tokenizer
         self.processor = collator.processor
 
@@ -89,7 +91,8 @@ class ButtonScorer:
             features = self.image_features(images)
         encoder_outputs = {"image": BaseModelOutputWithPooling(pooler_output=features.to(self.device))}
         out = self.model(
-            input_ids=prefix, token_type_ids=(prefix == self.collator.image_token_id).long(),
+            input_ids=prefix,
+            token_type_ids=None if self.causal_images else (prefix == self.collator.image_token_id).long(),
             attention_mask=torch.ones_like(prefix), mm_encoder_outputs=encoder_outputs, use_cache=True,
         )
         first_logprobs = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
