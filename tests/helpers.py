@@ -1,0 +1,47 @@
+"""Small synthetic datasets for tests: the last frame's colour block says which button is right."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from pokemon_gemma.dataset import BUTTONS, QUESTION, make_output
+
+COLOURS = [(230, 30, 30), (30, 200, 30), (30, 30, 230), (230, 230, 30), (230, 30, 230), (30, 230, 230),
+           (250, 150, 0), (120, 120, 120)]
+
+
+def make_frame(path: Path, button_index: int, jitter: int) -> str:
+    image = Image.new("RGB", (240, 160), (20 + jitter, 20, 20))
+    ImageDraw.Draw(image).rectangle([60, 40, 180, 120], fill=COLOURS[button_index])
+    image.save(path)
+    return str(path)
+
+
+def write_dataset(folder: Path, n: int, seed: int = 0, name: str = "train.jsonl", sessions: int = 4,
+                  context: str = "Goal: reach the door.") -> Path:
+    """n records of 4 frames each; relative frame paths; label = colour of the last frame."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "frames").mkdir(exist_ok=True)
+    rows = []
+    for i in range(n):
+        labels = [rng.randrange(len(BUTTONS)) for _ in range(4)]
+        frames = []
+        for k, lab in enumerate(labels):
+            fname = f"frames/{name.split('.')[0]}_{i}_{k}.png"
+            make_frame(folder / fname, lab, rng.randrange(30))
+            frames.append(fname)
+        button = BUTTONS[labels[-1]]
+        rows.append({
+            "frames": frames, "context": context, "question": QUESTION,
+            "output": make_output(button, f"press {button}", "navigation", "test scene"),
+            "metadata": {"session_id": f"s{i % sessions}", "turns": [i, i + 1, i + 2, i + 3],
+                         "previous_buttons": [BUTTONS[x] for x in labels[:3]], "scene_context": "navigation"},
+        })
+    path = folder / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
