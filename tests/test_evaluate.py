@@ -1,0 +1,263 @@
+"""Evaluation on the real tiny Gemma 3: metrics against a brute-force count, baselines, score vs
+generate on a model trained to be confident, invalid answers counted, reports/PNGs, CLI errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from pokemon_gemma import evaluate as ev
+from pokemon_gemma.dataset import BUTTONS, QUESTION, Record, load_records, make_output
+from tests.conftest import REPO_ROOT
+
+# (button, frame colour, context text, metadata): the first 3 are the ones the confident model learns.
+SAMPLES = [
+    ("up", (255, 0, 0), {"scene_context": "battle"}),
+    ("down", (0, 255, 0), {"context_detected": "navigation", "previous_buttons": ["a", "down"]}),
+    ("left", (0, 0, 255), {"context": "battle", "previous_buttons": ["up"]}),
+    ("a", (255, 255, 0), {"previous_buttons": ["a"]}),
+    ("start", (0, 255, 255), {"context_detected": "menu", "previous_buttons": []}),
+    ("right", (255, 0, 255), {"scene_context": "navigation", "context": "ignored", "previous_buttons": ["left"]}),
+]
+EXPECTED_CONTEXT = ["battle", "navigation", "battle", "unknown", "menu", "navigation"]
+
+
+def write_dataset(folder: Path, samples=SAMPLES, name: str = "test.jsonl") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, (button, colour, md) in enumerate(samples):
+        frames = []
+        for k in range(4):
+            img = Image.new("RGB", (240, 160), colour)
+            img.paste((k * 60, 40, 200 - k * 40), (20 * k, 10, 20 * k + 30, 40))
+            img.save(folder / f"s{i}_{k}.png")
+            frames.append(f"s{i}_{k}.png")
+        rows.append({"frames": frames, "context": f"The player should press {button} now.", "question": QUESTION,
+                     "output": make_output(button), "metadata": {"session_id": "t", "turns": [i + 1], **md}})
+    path = folder / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("eval_data"))
+
+
+@pytest.fixture(scope="module")
+def confident_model_dir(tiny_model_dir, dataset, tmp_path_factory) -> Path:
+    """The tiny model fine-tuned (answer-only loss from the Collator labels) on the first 3 samples."""
+    from pokemon_gemma.collate import Collator
+    from pokemon_gemma.modeling import load_for_inference
+
+    torch.manual_seed(0)
+    model, processor = load_for_inference(str(tiny_model_dir), device="cpu")
+    batch = Collator(processor, 2048, "images")(load_records(dataset)[:3])
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert loss.item() < 0.05, f"the tiny model did not fit 3 samples (loss {loss.item():.3f})"
+    out = tmp_path_factory.mktemp("confident")
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def run_eval(model_dir, dataset, out, **kw) -> dict:
+    cfg = ev.EvalConfig(model_name=str(model_dir), dataset_path=str(dataset), output_dir=str(out), **kw)
+    return ev.evaluate(cfg, progress=False)
+
+
+def test_accuracy_confusion_and_contexts_equal_brute_force(confident_model_dir, dataset, tmp_path):
+    from pokemon_gemma.collate import Collator
+    from pokemon_gemma.modeling import load_for_inference
+    from pokemon_gemma.scoring import ButtonScorer
+
+    report = run_eval(confident_model_dir, dataset, tmp_path / "eval")
+
+    # Brute force: score each sample ourselves and count.
+    model, processor = load_for_inference(str(confident_model_dir), device="cpu")
+    scorer = ButtonScorer(model, Collator(processor, 2048, "images"))
+    records = load_records(dataset)
+    matrix = [[0] * 8 for _ in range(8)]
+    correct, by_ctx, probs = 0, {}, []
+    for record, ctx in zip(records, EXPECTED_CONTEXT):
+        scores = scorer.score_record(record)
+        matrix[BUTTONS.index(record.button)][BUTTONS.index(scores.button)] += 1
+        correct += scores.button == record.button
+        by_ctx.setdefault(ctx, []).append(scores.button == record.button)
+        probs.append(scores.probabilities)
+    predicted = {BUTTONS[j] for row in matrix for j, v in enumerate(row) if v}
+    assert len(predicted) >= 3, "the check is weak if the model predicts a single button"
+
+    assert report["n"] == 6 and report["mode"] == "score"
+    assert report["accuracy"] == pytest.approx(correct / 6)
+    assert report["confusion_matrix"]["matrix"] == matrix
+    assert report["confusion_matrix"]["labels"] == list(BUTTONS)
+    assert {k: (v["n"], v["correct"]) for k, v in report["accuracy_by_context"].items()} == \
+        {k: (len(v), sum(v)) for k, v in by_ctx.items()}
+    for b in BUTTONS:
+        assert report["mean_probability"][b] == pytest.approx(sum(p[b] for p in probs) / 6, abs=1e-5)
+        tp, n_pred = matrix[BUTTONS.index(b)][BUTTONS.index(b)], sum(row[BUTTONS.index(b)] for row in matrix)
+        support = sum(matrix[BUTTONS.index(b)])
+        pb = report["per_button"][b]
+        assert (pb["support"], pb["predicted"]) == (support, n_pred)
+        assert pb["recall"] == (pytest.approx(tp / support) if support else None)
+        assert pb["precision"] == (pytest.approx(tp / n_pred) if n_pred else None)
+    f1s = [2 * matrix[i][i] / (sum(matrix[i]) + sum(r[i] for r in matrix)) for i in range(8)
+           if sum(matrix[i]) + sum(r[i] for r in matrix)]
+    assert report["macro_f1"] == pytest.approx(sum(f1s) / len(f1s))
+    lat = report["latency_s"]
+    assert 0 < lat["p50"] <= lat["p95"] and lat["mean"] > 0
+    assert report["model_kind"] == "base" and report["blank_frames"] is False
+    assert report["dataset_path"] == str(dataset) and report["model_name"] == str(confident_model_dir)
+
+    # Files: the JSON on disk is the report; PNGs decode; the Markdown embeds them.
+    out = tmp_path / "eval"
+    assert json.loads((out / "eval_report.json").read_text())["confusion_matrix"]["matrix"] == matrix
+    for png in ("confusion_matrix.png", "accuracy_by_context.png"):
+        with Image.open(out / png) as im:
+            im.load()
+            assert im.format == "PNG" and im.size[0] > 200 and im.size[1] > 200
+    md = (out / "eval_report.md").read_text()
+    assert "](confusion_matrix.png)" in md and "](accuracy_by_context.png)" in md
+    assert f"**{report['accuracy']:.3f}**" in md and "repeat last button" in md
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [r["true"] for r in rows] == [r.button for r in records]
+
+
+def test_score_and_generate_agree_on_a_confident_model(confident_model_dir, dataset, tmp_path):
+    scored = run_eval(confident_model_dir, dataset, tmp_path / "score", limit=3)
+    generated = run_eval(confident_model_dir, dataset, tmp_path / "gen", limit=3, mode="generate",
+                         max_new_tokens=48)
+    read = lambda d: [json.loads(x) for x in (tmp_path / d / "predictions.jsonl").read_text().splitlines()]  # noqa: E731
+    assert [r["predicted"] for r in read("score")] == [r["predicted"] for r in read("gen")] == ["up", "down", "left"]
+    assert scored["accuracy"] == generated["accuracy"] == 1.0
+    assert generated["json_valid_rate"] == 1.0 and generated["invalid_json"] == generated["invalid_button"] == 0
+    assert min(scored["mean_probability"][b] for b in ("up", "down", "left")) > 0.25
+    assert json.loads(read("gen")[0]["raw_output"])["button"] == "up"
+
+
+def test_output_that_is_not_json_counts_as_invalid(tiny_model_dir, dataset, tmp_path):
+    report = run_eval(tiny_model_dir, dataset, tmp_path / "gen", mode="generate", max_new_tokens=12)
+    assert report["n"] == 6
+    assert report["invalid_json"] == 6 and report["invalid_button"] == 0 and report["json_valid_rate"] == 0.0
+    assert report["accuracy"] == 0.0
+    cm = report["confusion_matrix"]
+    assert cm["predicted_labels"][-1] == "invalid"
+    assert [row[-1] for row in cm["matrix"]] == [1 if b in {s[0] for s in SAMPLES} else 0 for b in BUTTONS]
+    assert (tmp_path / "gen" / "confusion_matrix.png").stat().st_size > 1000
+
+
+def rec(button, previous=None):
+    md = {"session_id": "x", "turns": [1]}
+    if previous is not None:
+        md["previous_buttons"] = previous
+    return Record(frames=["f"] * 4, context="", question=QUESTION, output=make_output(button), metadata=md)
+
+
+def test_baselines_on_a_crafted_set():
+    records = [rec("up", ["down", "up"]), rec("up"), rec("down", ["down"]), rec("a", ["b"]), rec("a", ["A"]),
+               rec("a", [])]
+    b = ev.compute_baselines(records)
+    assert b["majority"] == {"button": "a", "source": "eval", "accuracy": pytest.approx(3 / 6)}
+    assert b["repeat_last"]["accuracy"] == pytest.approx(3 / 6)  # up, down, A->a right; b wrong; 2 missing
+    assert b["repeat_last"]["n_missing_previous"] == 2
+    assert b["uniform_random"]["accuracy"] == 1 / 8
+    train = [rec("down")] * 3 + [rec("up")] * 2
+    b = ev.compute_baselines(records, train)
+    assert b["majority"] == {"button": "down", "source": "train", "accuracy": pytest.approx(1 / 6)}
+    assert ev.majority_button(["b", "a", "a", "b"]) == "a"  # ties break in BUTTONS order
+
+
+def test_adapter_folder_loads_its_base(tiny_model_dir, dataset, tmp_path):
+    from pokemon_gemma.modeling import apply_lora, load_model
+
+    peft_model = apply_lora(load_model(str(tiny_model_dir)), r=4, alpha=8)  # B = 0: same outputs as the base
+    peft_model.save_pretrained(tmp_path / "adapter")
+    base = run_eval(tiny_model_dir, dataset, tmp_path / "base", limit=3)
+    adapted = run_eval(tmp_path / "adapter", dataset, tmp_path / "adapted", limit=3)
+    assert adapted["model_kind"] == "adapter" and base["model_kind"] == "base"
+    for b in BUTTONS:
+        assert adapted["mean_probability"][b] == pytest.approx(base["mean_probability"][b], abs=1e-5)
+
+
+def cli(*args, timeout=180):
+    return subprocess.run([sys.executable, "scripts/evaluate.py", *map(str, args)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=timeout, env={**__import__("os").environ,
+                                                                                "OMP_NUM_THREADS": "1"})
+
+
+def test_cli_blank_frames_train_majority_and_compare(tiny_model_dir, dataset, tmp_path):
+    from pokemon_gemma.collate import Collator
+    from pokemon_gemma.modeling import load_for_inference
+    from pokemon_gemma.scoring import ButtonScorer
+
+    train = write_dataset(tmp_path / "train", [("select", (0, 0, 0), {})] * 3 + [("up", (9, 9, 9), {})])
+    out = tmp_path / "blank"
+    proc = cli("--model_name", tiny_model_dir, "--dataset_path", dataset, "--output_dir", out, "--limit", 4,
+               "--blank_frames", "--train_dataset_path", train, "--no_progress")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"report: {out / 'eval_report.md'}" in proc.stdout
+    report = json.loads((out / "eval_report.json").read_text())
+    assert report["n"] == 4 and report["blank_frames"] is True
+    assert report["baselines"]["majority"]["button"] == "select" and report["baselines"]["majority"]["source"] == "train"
+    # The CLI really scored black frames: same probabilities as scoring black images directly.
+    model, processor = load_for_inference(str(tiny_model_dir), device="cpu")
+    scorer = ButtonScorer(model, Collator(processor, 2048, "images"))
+    rows = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    for record, row in zip(load_records(dataset), rows):
+        black = [Image.new("RGB", (240, 160)) for _ in range(4)]
+        direct = scorer.score(black, record.context, record.question).probabilities
+        assert row["probabilities"] == pytest.approx(direct, abs=1e-5)
+
+    real = tmp_path / "real"
+    assert run_eval(tiny_model_dir, dataset, real, limit=4)["accuracy"] is not None
+    proc = cli("--compare", out, real)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 4 and "accuracy" in lines[0] and "repeat_last" in lines[0]
+    assert lines[2].startswith(str(out)) and lines[3].startswith(str(real))
+    assert f"{report['accuracy']:.3f}" in lines[2] and "score+blank" in lines[2]
+
+    proc = cli("--compare", out, tmp_path / "nowhere")
+    assert proc.returncode == 1 and proc.stderr.startswith("error:") and "nowhere" in proc.stderr
+
+
+def test_cli_missing_dataset_is_a_one_line_error(tmp_path):
+    proc = cli("--model_name", "unused", "--dataset_path", tmp_path / "missing.jsonl", "--output_dir", tmp_path / "e")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing.jsonl'}: file not found"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"frames": []}\n')
+    proc = cli("--model_name", "unused", "--dataset_path", bad, "--output_dir", tmp_path / "e")
+    assert proc.returncode == 1 and proc.stderr.strip() == f"error: {bad}:1: frames: expected 4 frames, got 0"
+    assert not (tmp_path / "e" / "eval_report.json").exists()
+
+
+def test_plot_training_curves(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": s, "train/loss": 2.0 / s, "lr": 1e-3 * s / 10} for s in range(1, 11)]
+    rows[4].update({"eval/loss": 0.9, "eval/accuracy": 0.4})
+    rows[9].update({"eval/loss": 0.5, "eval/accuracy": 0.7})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = subprocess.run([sys.executable, "scripts/plot_training.py", "--run_dir", str(run)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    with Image.open(run / "training_curves.png") as im:
+        im.load()
+        assert im.format == "PNG" and im.size[0] > 800
+
+    (run / "metrics.jsonl").write_text(json.dumps(rows[0]) + "\n\n{not json\n")
+    proc = subprocess.run([sys.executable, "scripts/plot_training.py", "--run_dir", str(run)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.startswith(f"error: {run / 'metrics.jsonl'}:3: invalid JSON")
