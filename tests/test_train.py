@@ -1,0 +1,173 @@
+"""The training loop on the tiny model (CPU, real peft/accelerate): exact labels, length policy,
+token-normalised gradients, kill-and-resume, multi-process, SIGTERM."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pokemon_gemma.collate import IGNORE_INDEX, Collator, SampleError
+from pokemon_gemma.dataset import QUESTION, Record, load_records, make_output
+from tests.conftest import REPO_ROOT
+from tests.helpers import write_dataset
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "offline"}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("train_data")
+    return write_dataset(folder, 24, seed=0), write_dataset(folder, 8, seed=1, name="val.jsonl")
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_model_dir):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(tiny_model_dir)
+
+
+def train_cmd(model, train, val, out, *extra):
+    return [sys.executable, "scripts/sft_pokemon_gemma3.py", "--model_name", str(model), "--dataset_path", str(train),
+            "--eval_dataset_path", str(val), "--output_dir", str(out), "--batch_size", "2", "--grad_accum", "2",
+            "--learning_rate", "1e-3", "--logging_steps", "1", "--eval_steps", "0", "--seed", "7", *extra]
+
+
+def test_labels_are_exactly_the_answer_and_end_of_turn(processor, data):
+    record = load_records(data[0])[0]
+    sample = Collator(processor).encode(record)
+    labelled = sample.input_ids[sample.labels != IGNORE_INDEX]
+    assert processor.tokenizer.decode(labelled) == record.output + "<end_of_turn>"
+    # everything before the answer (prompt, images) is masked; exactly one <bos>
+    first = int((sample.labels != IGNORE_INDEX).nonzero()[0])
+    assert (sample.labels[:first] == IGNORE_INDEX).all()
+    assert int((sample.input_ids == processor.tokenizer.bos_token_id).sum()) == 1
+    assert int(sample.token_type_ids.sum()) == 4 * processor.image_seq_length
+
+
+def test_overlong_sample_is_shortened_then_rejected_never_zero_labels(processor, data):
+    base = load_records(data[0])[0]
+    long = Record(base.frames, "Goal: reach the door. " + "very long context " * 200, QUESTION, base.output,
+                  {"session_id": "long", "turns": [1, 2, 3, 4]})
+    full_length = Collator(processor).sample_length(long)
+    limit = full_length - 300
+    sample = Collator(processor, max_seq_length=limit).encode(long)
+    assert sample.context_shortened and sample.length <= limit
+    assert processor.tokenizer.decode(sample.input_ids[sample.labels != IGNORE_INDEX]) == long.output + "<end_of_turn>"
+    assert int(sample.token_type_ids.sum()) == 4 * processor.image_seq_length  # images intact
+    with pytest.raises(SampleError, match="long:1,2,3,4"):
+        Collator(processor, max_seq_length=4 * processor.image_seq_length).encode(long)
+
+
+def test_training_rejects_overlong_samples_by_id(tiny_model_dir, tmp_path, processor):
+    train = write_dataset(tmp_path, 8, seed=2)
+    proc = subprocess.run(train_cmd(tiny_model_dir, train, "", tmp_path / "run", "--max_steps", "1",
+                                    "--max_seq_length", "40"),
+                          cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "rejected train sample: s0:0,1,2,3" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: train: no sample fits --max_seq_length 40")
+    assert "Traceback" not in proc.stderr
+
+
+def _grads(tiny_model_dir, dataset, batch, accum, out, processes=1):
+    probe = [str(REPO_ROOT / "tests/grad_probe.py"), str(tiny_model_dir), str(dataset), str(batch), str(accum), str(out)]
+    if processes == 1:
+        cmd = [sys.executable, *probe]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu.yaml",
+               "--num_processes", str(processes), *probe]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return torch.load(out)
+
+
+def test_gradients_equal_for_batch_accum_and_process_splits(tiny_model_dir, tmp_path):
+    # Answers of different lengths make per-micro-batch averaging visibly wrong.
+    dataset = write_dataset(tmp_path, 4, seed=5)
+    rows = [json.loads(line) for line in dataset.read_text().splitlines()]
+    for i, row in enumerate(rows):
+        row["output"] = make_output(json.loads(row["output"])["button"], "why " * (1 + 6 * i))
+    dataset.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    g_41 = _grads(tiny_model_dir, dataset, 4, 1, tmp_path / "g41.pt")
+    g_14 = _grads(tiny_model_dir, dataset, 1, 4, tmp_path / "g14.pt")
+    g_2x2 = _grads(tiny_model_dir, dataset, 2, 1, tmp_path / "g2x2.pt", processes=2)
+    assert g_41.keys() == g_14.keys() == g_2x2.keys() and len(g_41) > 0
+    scale = max(float(g.abs().max()) for g in g_41.values())
+    assert scale > 0
+    for other in (g_14, g_2x2):
+        worst = max(float((g_41[k] - other[k]).abs().max()) for k in g_41)
+        assert worst / scale <= 1e-5, worst / scale
+
+
+def _adapter(path):
+    return load_file(path / "adapter_model.safetensors")
+
+
+def test_sigkill_then_resume_ends_with_identical_adapter(tiny_model_dir, data, tmp_path):
+    train, val = data
+    extra = ["--max_steps", "8", "--save_steps", "2", "--lora_dropout", "0.1", "--batch_size", "3"]
+    ref = subprocess.run(train_cmd(tiny_model_dir, train, val, tmp_path / "ref", *extra), cwd=REPO_ROOT, env=ENV,
+                         capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(train_cmd(tiny_model_dir, train, val, out, *extra), cwd=REPO_ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "checkpoint-2" / "trainer_state.json").exists():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "adapter_model.safetensors").exists(), "run finished before it was killed"
+
+    resumed = subprocess.run(train_cmd(tiny_model_dir, train, val, out, *extra, "--resume_from_checkpoint", "latest"),
+                             cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stderr
+    a, b = _adapter(tmp_path / "ref"), _adapter(out)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))
+
+
+def test_sigterm_saves_checkpoint_and_exits_zero(tiny_model_dir, data, tmp_path):
+    train, val = data
+    out = tmp_path / "term"
+    proc = subprocess.Popen(train_cmd(tiny_model_dir, train, val, out, "--max_steps", "400", "--save_steps", "0"),
+                            cwd=REPO_ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().strip():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    checkpoints = sorted(out.glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and (checkpoints[0] / "adapter_model.safetensors").is_file()
+    assert int(checkpoints[0].name.split("-")[1]) < 400
+
+
+def test_two_process_cpu_run_completes_with_outputs(tiny_model_dir, data, tmp_path):
+    train, val = data
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu.yaml",
+           "--num_processes", "2", *train_cmd(tiny_model_dir, train, val, out, "--max_steps", "3", "--batch_size", "1",
+                                              "--eval_steps", "3", "--save_steps", "3")[1:]]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "run_config.json").read_text())["world_size"] == 2
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and "eval/accuracy" in rows[-1]
+    for folder in (out, out / "best", out / "checkpoint-3"):
+        assert (folder / "adapter_model.safetensors").is_file()
+    assert (out / "checkpoint-3" / "rng_state_1.pth").is_file()
