@@ -1,0 +1,221 @@
+"""Scoring and generation with an MLX export (made by `export.export_mlx`), for the evaluator and server.
+
+`MlxButtonScorer` is the MLX twin of `scoring.ButtonScorer`: the same prompt (built by the same
+`Collator`, with exactly one `<bos>`), the same 8 full answers `{"button": "<b>",`, the same shared
+prompt prefix run once and its KV cache repeated 8 times. Only the forward passes run in MLX.
+
+Two differences from PyTorch are kept visible rather than hidden (export verification measures them):
+- mlx-vlm's Gemma 3 attends causally inside images; transformers with `token_type_ids` (how the
+  model is trained and how `ButtonScorer` scores) attends bidirectionally inside each image.
+- mlx-vlm's own prompt path adds a second `<bos>`; we never use it: prompts come from the
+  transformers processor with `add_special_tokens=False`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .collate import Collator
+from .dataset import BUTTONS, Record
+from .scoring import ButtonScorer, ButtonScores, _common_prefix_length, answer_prefix
+
+MLX_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def import_mlx_vlm():
+    """Import mlx_vlm (and its Gemma 3 model) without letting it replace transformers' AutoProcessor.
+
+    Measured with mlx-vlm 0.7.10: importing `mlx_vlm.models.gemma3` patches
+    `transformers.AutoProcessor.from_pretrained` process-wide so that any gemma3 folder loads
+    mlx-vlm's processor (MLX arrays, no `token_type_ids`), which would silently change the PyTorch
+    path of whoever shares the process (the evaluator compares both). We restore the original."""
+    from transformers import AutoProcessor
+
+    original = AutoProcessor.__dict__["from_pretrained"]
+    try:
+        import mlx_vlm  # noqa: F401
+        import mlx_vlm.models.gemma3  # noqa: F401
+    finally:
+        setattr(AutoProcessor, "from_pretrained", original)
+    import mlx_vlm
+
+    return mlx_vlm
+
+
+def load_mlx_model(mlx_dir: str | Path, dtype: str | None = None):
+    """(mlx model, its config dict); `dtype` casts every unquantised floating weight (e.g. float32)."""
+    import_mlx_vlm()
+    import mlx.core as mx
+    from mlx.utils import tree_map
+    from mlx_vlm.utils import load_model
+
+    model = load_model(Path(mlx_dir))
+    if dtype is not None:
+        if dtype not in MLX_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(MLX_DTYPES)}, got {dtype!r}")
+        target = getattr(mx, dtype)
+        # Quantised weights are uint32 and stay as they are; scales/biases and the rest are cast.
+        model.update(tree_map(lambda a: a.astype(target) if mx.issubdtype(a.dtype, mx.floating) else a,
+                              model.parameters()))
+    mx.eval(model.parameters())
+    return model
+
+
+def _repeat_cache(cache: list, n: int) -> list:
+    """n copies of a prompt KV cache along the batch axis (the prompt is encoded once)."""
+    import mlx.core as mx
+
+    out = []
+    for c in cache:
+        state = tuple(None if s is None else mx.repeat(s, n, axis=0) for s in c.state)
+        out.append(type(c).from_state(state, c.meta_state))
+    return out
+
+
+class MlxButtonScorer(ButtonScorer):
+    """8-button scorer and greedy generator over an MLX export folder.
+
+    `frame_layout` must be the one the model was trained with ("images" or "grid"); by default it is
+    read from the export's manifest. `dtype` (e.g. "float32") casts the unquantised weights."""
+
+    def __init__(self, mlx_dir: str | Path, *, frame_layout: str | None = None, dtype: str | None = None,
+                 max_seq_length: int = 8192):
+        from .modeling import load_processor
+
+        self.mlx_dir = Path(mlx_dir)
+        if frame_layout is None:
+            frame_layout = export_frame_layout(self.mlx_dir)
+        model = load_mlx_model(self.mlx_dir, dtype=dtype)
+        processor = load_processor(str(self.mlx_dir))
+        super().__init__(model, Collator(processor, max_seq_length=max_seq_length, frame_layout=frame_layout),
+                         causal_images=True)
+
+    # --- PyTorch-only properties of the parent do not apply
+    @property
+    def device(self):
+        return "mlx"
+
+    @property
+    def dtype(self):
+        return None
+
+    def pixel_values(self, images: list[Image.Image]):
+        import mlx.core as mx
+
+        out = self.processor.image_processor(images, return_tensors="np")["pixel_values"]
+        return mx.array(np.asarray(out, dtype=np.float32))
+
+    def image_features(self, images: list[Image.Image]):
+        """Projected vision features (n_images, tokens, hidden), as the server caches them per frame."""
+        pv = self.pixel_values(images)
+        # The vision side is never quantised: compute it in the projector's dtype.
+        dtype = self.model.multi_modal_projector.mm_input_projection_weight.dtype
+        hidden, _, _ = self.model.vision_tower(pv.transpose(0, 2, 3, 1).astype(dtype), output_hidden_states=True)
+        return self.model.multi_modal_projector(hidden)
+
+    def _embed(self, input_ids, features=None):
+        """Token embeddings with the image features placed on the image soft tokens (mlx-vlm's own merge)."""
+        import mlx.core as mx
+
+        embeds = self.model.language_model.model.embed_tokens(input_ids)
+        if features is None:
+            return embeds
+        cfg = self.model.config
+        merged, _ = self.model.prepare_inputs_for_multimodal(
+            cfg.hidden_size, cfg.pad_token_id, cfg.image_token_index, features, embeds, input_ids,
+            mx.ones(input_ids.shape))
+        return merged
+
+    def logits(self, input_ids: np.ndarray, images: list[Image.Image] | None = None, features=None) -> np.ndarray:
+        """Full-sequence logits (T, vocab) as float32 numpy: causal attention everywhere."""
+        import mlx.core as mx
+
+        ids = mx.array(np.asarray(input_ids).reshape(1, -1))
+        if features is None and images is not None:
+            features = self.image_features(images)
+        embeds = self._embed(ids, features)
+        out = self.model.language_model(ids, inputs_embeds=embeds).logits
+        return np.array(out[0].astype(mx.float32))
+
+    def score(self, frames: list[Image.Image], context: str, question: str, features=None) -> ButtonScores:
+        """Score the 8 answers for 4 frames; `features` (from `image_features`) skips the vision tower."""
+        import mlx.core as mx
+
+        images = self.collator.images_for([], frames)
+        prompt = self.collator.prompt_text(context, question)
+        full = [self._expanded_ids(prompt + answer_prefix(b)) for b in BUTTONS]
+        shared = _common_prefix_length(full)
+        prefix = mx.array([full[0][:shared]])
+        self.collator._check("scoring prompt", _as_torch(full[0][:shared]), len(images))
+        if features is None:
+            features = self.image_features(images)
+        cache = self.model.language_model.make_cache()
+        embeds = self._embed(prefix, features)
+        out = self.model.language_model(prefix, inputs_embeds=embeds, cache=cache).logits
+        first = out[0, -1].astype(mx.float32)
+        first_logprobs = np.array(first - mx.logsumexp(first))
+        tails = [ids[shared:] for ids in full]
+        scores = {b: float(first_logprobs[t[0]]) for b, t in zip(BUTTONS, tails)}
+        width = max(len(t) for t in tails) - 1
+        if width > 0:
+            # Right padding is harmless: with causal attention no scored token sees a pad.
+            pad = self.tokenizer.pad_token_id
+            inputs = mx.array([t[:-1] + [pad] * (width - len(t) + 1) for t in tails])
+            logits = self.model.language_model(inputs, cache=_repeat_cache(cache, len(BUTTONS))).logits
+            logits = logits.astype(mx.float32)
+            logprobs = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+            for i, (b, t) in enumerate(zip(BUTTONS, tails)):
+                for j, token in enumerate(t[1:]):
+                    scores[b] += float(logprobs[i, j, token])
+        return ButtonScores(scores)
+
+    def generate_ids(self, frames: list[Image.Image], context: str, question: str,
+                     max_new_tokens: int = 96) -> list[int]:
+        """Greedy answer token ids, stopping at `<eos>`/`<end_of_turn>` (not included)."""
+        import mlx.core as mx
+        from mlx_vlm.generate.ar import generate_step
+
+        images = self.collator.images_for([], frames)
+        prompt = self.collator.prompt_text(context, question)
+        enc = self.processor(text=[prompt], images=[images], return_tensors="np", add_special_tokens=False)
+        self.collator._check("generation prompt", _as_torch(enc["input_ids"][0]), len(images))
+        ids = mx.array(enc["input_ids"])
+        stop = {self.tokenizer.eos_token_id, self.collator.end_of_turn_id}
+        out: list[int] = []
+        for token, _ in generate_step(ids, self.model, self.pixel_values(images), mx.ones(ids.shape),
+                                      max_tokens=max_new_tokens, temperature=0.0):
+            token = int(token)
+            if token in stop:
+                break
+            out.append(token)
+        return out
+
+    def generate(self, frames: list[Image.Image], context: str, question: str, max_new_tokens: int = 96) -> str:
+        """Greedy answer text (the model's JSON, unparsed), like `ButtonScorer.generate`."""
+        ids = self.generate_ids(frames, context, question, max_new_tokens)
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    def score_record(self, record: Record) -> ButtonScores:
+        frames = [self.collator.frames.load(p) for p in record.frames]
+        return self.score(frames, record.context, record.question)
+
+
+def export_frame_layout(mlx_dir: Path) -> str:
+    """The frame layout recorded in the export manifest (training's), else "images"."""
+    import json
+
+    manifest = mlx_dir / "export_manifest.json"
+    try:
+        layout = json.loads(manifest.read_text()).get("frame_layout") if manifest.is_file() else None
+    except ValueError:
+        layout = None
+    return layout if layout in ("images", "grid") else "images"
+
+
+def _as_torch(ids):
+    import torch
+
+    return torch.as_tensor(np.asarray(ids))
