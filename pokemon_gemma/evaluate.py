@@ -134,12 +134,13 @@ def load_backend(model_name: str, adapter_path: str | None = None, *, backend: s
             raise EvalError("--adapter_path cannot be combined with an MLX export (merge the adapter first)")
         try:
             from .mlx_backend import MlxButtonScorer
+
+            scorer = MlxButtonScorer(model_name, frame_layout=frame_layout, max_seq_length=max_seq_length)
         except ImportError as exc:
             raise EvalError(f"the MLX backend is not available ({exc}); install mlx-vlm or use --backend torch") from None
-        try:
-            return MlxBackend(MlxButtonScorer(model_name), blank_frames=blank_frames)
-        except (OSError, ValueError, RuntimeError) as exc:
+        except (OSError, ValueError, RuntimeError, ModelLoadError) as exc:
             raise EvalError(f"cannot load MLX export {model_name}: {_first_line(exc)}") from None
+        return MlxBackend(scorer, blank_frames=blank_frames)
     if not adapter_path and is_adapter_dir(model_name):
         adapter_path, model_name = model_name, adapter_base_model(model_name)
         log.info("%s is a LoRA adapter; loading its base model %s", adapter_path, model_name)
@@ -152,12 +153,16 @@ def load_backend(model_name: str, adapter_path: str | None = None, *, backend: s
 
 
 def run_frame_layout(model_name: str, adapter_path: str | None) -> str | None:
-    """The frame layout a training run used (its run_config.json), if the folder says."""
+    """The frame layout the model was trained with, when its folder records it (a training run's
+    run_config.json, a merge's or an MLX export's manifest)."""
     for folder in (adapter_path, model_name):
-        if folder and (Path(folder) / "run_config.json").is_file():
+        for name in ("run_config.json", "merge_manifest.json", MLX_MANIFEST):
+            path = Path(folder) / name if folder else None
+            if path is None or not path.is_file():
+                continue
             try:
-                layout = json.loads((Path(folder) / "run_config.json").read_text()).get("frame_layout")
-            except (OSError, ValueError):
+                layout = json.loads(path.read_text()).get("frame_layout")
+            except (OSError, ValueError, AttributeError):
                 continue
             if layout in ("images", "grid"):
                 return layout

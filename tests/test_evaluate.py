@@ -261,3 +261,29 @@ def test_plot_training_curves(tmp_path):
     proc = subprocess.run([sys.executable, "scripts/plot_training.py", "--run_dir", str(run)], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and proc.stderr.startswith(f"error: {run / 'metrics.jsonl'}:3: invalid JSON")
+
+
+def test_mlx_export_is_detected_and_evaluated(confident_model_dir, dataset, tmp_path):
+    pytest.importorskip("mlx.core")
+    pytest.importorskip("mlx_vlm")
+    from pokemon_gemma.export import export_mlx
+
+    mlx_dir = tmp_path / "mlx"
+    export_mlx(confident_model_dir, mlx_dir, quantization_bits=None, verify=False)
+    report = run_eval(mlx_dir, dataset, tmp_path / "mlx_eval", limit=3)  # backend "auto": export_manifest.json
+    assert report["model_kind"] == "mlx" and report["backend"] == "mlx"
+    rows = [json.loads(x) for x in (tmp_path / "mlx_eval" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["predicted"] for r in rows] == ["up", "down", "left"] and report["accuracy"] == 1.0
+
+    # --blank_frames reaches the MLX scorer too: the same scores as black frames given directly.
+    backend = ev.load_backend(str(mlx_dir), blank_frames=True)
+    cfg = ev.EvalConfig(model_name=str(mlx_dir), dataset_path=str(dataset), output_dir=str(tmp_path / "b"),
+                        limit=2, blank_frames=True)
+    ev.evaluate(cfg, backend=backend, progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "b" / "predictions.jsonl").read_text().splitlines()]
+    for record, row in zip(load_records(dataset), rows):
+        black = [Image.new("RGB", (240, 160)) for _ in range(4)]
+        direct = backend.scorer.score(black, record.context, record.question).probabilities
+        assert row["probabilities"] == pytest.approx(direct, abs=1e-5)
+        real = backend.scorer.score_record(record).probabilities  # the scorer itself does not blank
+        assert row["probabilities"] != pytest.approx(real, abs=1e-5)
