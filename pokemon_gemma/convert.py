@@ -75,6 +75,7 @@ class ConvertOptions:
     max_gap_seconds: float = 60.0
     copy_images: bool = False
     output_dir: str = ""          # images go to output_dir/images/<session>/ when copy_images
+    history_in_context: bool = False  # add earlier turns' buttons/scene to the model-visible context
 
     def check(self) -> None:
         if not 1 <= self.min_frames <= FRAMES_PER_SAMPLE:
@@ -157,11 +158,14 @@ def scene_context(session: Session, t: Turn) -> str:
     return scene_from_visual_txt(session.dir / f"step_{t.turn:04d}_visual_analysis.txt") or "unknown"
 
 
-def build_context(goal: str, earlier: list[Turn | None]) -> str:
-    """Model-visible text: the goal and what EARLIER turns did; never the target turn's own fields."""
+def build_context(goal: str, earlier: list[Turn | None], history: bool = False) -> str:
+    """Model-visible text: the goal, and with `history` what EARLIER turns did; never the target turn's fields.
+
+    Goal only by default: the button should come from the frames, not from a repeat-last shortcut in
+    the text (previous buttons are in metadata.previous_buttons for baselines)."""
     lines = [f"Goal: {goal}" if goal else "Goal: (not recorded)"]
     known = [t for t in earlier if t is not None]
-    if known:
+    if history and known:
         lines.append("Previous buttons (oldest first): " + ", ".join(t.label or "unknown" for t in known))
         last = earlier[-1]
         if last is not None and (last.context_detected or last.scene_type):
@@ -274,7 +278,7 @@ def convert_session(session_dir: str | Path, opts: ConvertOptions) -> SessionRes
         earlier = slots[:-1]
         record = {
             "frames": [frame_ref(t) for t in frames_turns],
-            "context": build_context(session.goal, earlier),
+            "context": build_context(session.goal, earlier, opts.history_in_context),
             "question": QUESTION,
             "output": make_output(target.label, target.reasoning, context, target.observations),
             "metadata": {
@@ -340,7 +344,7 @@ def _stderr_warn(line: str) -> None:
 def convert_corpus(eevee_data_dir: str | Path, output_dir: str | Path, *, min_frames: int = 4,
                    val_fraction: float = 0.1, test_fraction: float = 0.1, split_seed: int = 0,
                    max_gap_seconds: float = 60.0, copy_images: bool = False, workers: int = 1,
-                   strict: bool = False, progress: bool = True,
+                   strict: bool = False, progress: bool = True, history_in_context: bool = False,
                    warn: Callable[[str], None] = _stderr_warn) -> dict[str, Any]:
     """Convert every session under `eevee_data_dir`; write the JSONL files and summary.json; return the summary.
 
@@ -354,7 +358,7 @@ def convert_corpus(eevee_data_dir: str | Path, output_dir: str | Path, *, min_fr
     if workers < 1:
         raise UsageError(f"--workers must be >= 1, got {workers}")
     opts = ConvertOptions(min_frames=min_frames, max_gap_seconds=max_gap_seconds, copy_images=copy_images,
-                          output_dir=str(out.resolve()))
+                          output_dir=str(out.resolve()), history_in_context=history_in_context)
     opts.check()
     runs_dir = find_runs_dir(src)
     session_dirs = list(iter_session_dirs(runs_dir))
@@ -470,7 +474,7 @@ def convert_corpus(eevee_data_dir: str | Path, output_dir: str | Path, *, min_fr
         "output_dir": str(out),
         "options": {"min_frames": min_frames, "val_fraction": val_fraction, "test_fraction": test_fraction,
                     "split_seed": split_seed, "max_gap_seconds": max_gap_seconds, "copy_images": copy_images,
-                    "workers": workers, "strict": strict},
+                    "workers": workers, "strict": strict, "history_in_context": history_in_context},
         "sessions": {"found": len(session_dirs), "used": len(used), "skipped": len(skipped),
                      "skipped_by_reason": dict(sessions_skipped.most_common()),
                      "format_versions": dict(sorted(versions.items()))},

@@ -327,10 +327,14 @@ def _target_texts(sdir: Path) -> dict[int, tuple[str, str]]:
     return {t.turn: (t.reasoning, t.observations) for t in read_session(sdir).turns if t.turn is not None}
 
 
-def test_context_never_contains_target_reasoning_or_observations(real):
+def test_context_never_contains_target_reasoning_or_observations(real, tmp_path):
+    convert_corpus(REAL, tmp_path, history_in_context=True, progress=False)
+    with_history = read_jsonl(tmp_path / "pokemon_4frame_dataset_full.jsonl")
+    assert sum("Previous buttons" in r["context"] for r in with_history) == 489
     full = read_jsonl(real / "pokemon_4frame_dataset_full.jsonl")
+    assert all(r["context"] == f"Goal: {r['metadata']['session_goal']}" for r in full)  # default: goal only
     cache: dict[str, dict] = {}
-    for rec in full:
+    for rec in full + with_history:
         sid, turns = rec["metadata"]["session_id"], rec["metadata"]["turns"]
         texts = cache.setdefault(sid, _target_texts(REAL / "runs" / f"session_{sid}"))
         reasoning, observations = texts[turns[-1]]
@@ -359,3 +363,16 @@ def test_splits_are_deterministic_disjoint_and_complete(real, tmp_path):
         assert (tmp_path / "again" / f"{s}.jsonl").read_text().splitlines() == parts[s]
     other = split_of(sorted(ids["train"] | ids["val"] | ids["test"]), 0.1, 0.1, seed=1)
     assert {k for k, v in other.items() if v == "test"} != ids["test"]
+
+
+def test_demo_sessions_convert_completely(tmp_path):
+    from pokemon_gemma.demo import write_demo_sessions
+
+    manifest = write_demo_sessions(tmp_path / "demo", sessions=3, seed=0)
+    r = run_cli("--eevee_data_dir", tmp_path / "demo", "--output_dir", tmp_path / "out", "--strict")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["windows"]["produced"] == manifest["turns"] - 3 * 3 and summary["windows"]["skipped"] == 0
+    assert summary["sessions"]["format_versions"] == {"V3": 3}
+    for rec in read_jsonl(tmp_path / "out" / "pokemon_4frame_dataset_full.jsonl"):
+        assert rec["context"] == f"Goal: {rec['metadata']['session_goal']}"
