@@ -316,7 +316,12 @@ def convert_session(session_dir: str | Path, opts: ConvertOptions) -> SessionRes
     elif opts.copy_images:
         images = Path(opts.output_dir) / "images" / res.image_key
         for t in used.values():
-            res.images_copied += _copy_frame(t.frame, images / f"step_{t.turn:04d}_grid.png")
+            dest = images / f"step_{t.turn:04d}_grid.png"
+            try:
+                res.images_copied += _copy_frame(t.frame, dest)
+            except OSError as exc:  # never fall back to the source path silently
+                raise ConvertError(f"{dest}: cannot write the image copy ({exc.strerror or exc}) "
+                                   f"(check free disk space and permissions of --output_dir)") from None
     return res
 
 

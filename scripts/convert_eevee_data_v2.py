@@ -49,6 +49,10 @@ def main(argv=None) -> int:
     except ConvertError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # writing the outputs failed (disk full, permissions): nothing was replaced
+        print(f"error: {exc.filename or args.output_dir}: {exc.strerror or exc} (check free disk space and "
+              f"permissions of --output_dir)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("error: interrupted; no output file was replaced", file=sys.stderr)
         return 1

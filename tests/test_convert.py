@@ -376,3 +376,15 @@ def test_demo_sessions_convert_completely(tmp_path):
     assert summary["sessions"]["format_versions"] == {"V3": 3}
     for rec in read_jsonl(tmp_path / "out" / "pokemon_4frame_dataset_full.jsonl"):
         assert rec["context"] == f"Goal: {rec['metadata']['session_goal']}"
+
+
+def test_image_copy_failure_is_an_error_not_a_silent_fallback(tmp_path):
+    write_session(tmp_path / "runs", "20250701_000000")
+    write_session(tmp_path / "runs", "20250701_000001")  # two sessions: the error crosses the process pool
+    (tmp_path / "out" / "images").mkdir(parents=True)
+    (tmp_path / "out" / "images" / "20250701_000000").write_text("a file where the folder should be")
+    r = run_cli("--eevee_data_dir", tmp_path, "--output_dir", tmp_path / "out", "--copy_images", "--workers", "2")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "images/20250701_000000/step_000" in line and "cannot write" in line
+    assert not (tmp_path / "out" / "pokemon_4frame_dataset_full.jsonl").exists()
