@@ -149,13 +149,14 @@ def check_frame(path: Path) -> tuple[str | None, bytes]:
     return None, hashlib.blake2b(data, digest_size=8).digest()
 
 
-def scene_context(session: Session, t: Turn) -> str:
+def vision_scene(session: Session, t: Turn) -> str | None:
+    """The vision model's scene_type: V3 turn field, else the step's visual-analysis .txt (V2 and older)."""
+    return t.scene_type or scene_from_visual_txt(session.dir / f"step_{t.turn:04d}_visual_analysis.txt")
+
+
+def scene_context(t: Turn, scene_type: str | None) -> str:
     """The target's scene context (navigation/battle/menu/...): context_detected, then vision scene_type."""
-    if t.context_detected:
-        return t.context_detected
-    if t.scene_type:
-        return t.scene_type
-    return scene_from_visual_txt(session.dir / f"step_{t.turn:04d}_visual_analysis.txt") or "unknown"
+    return t.context_detected or scene_type or "unknown"
 
 
 def build_context(goal: str, earlier: list[Turn | None], history: bool = False) -> str:
@@ -274,7 +275,8 @@ def convert_session(session_dir: str | Path, opts: ConvertOptions) -> SessionRes
         frames_turns = [run[0]] * pad + run
         for t in run:
             used[t.index] = t
-        context = scene_context(session, target)
+        scene_type = vision_scene(session, target)
+        context = scene_context(target, scene_type)
         earlier = slots[:-1]
         record = {
             "frames": [frame_ref(t) for t in frames_turns],
@@ -294,7 +296,7 @@ def convert_session(session_dir: str | Path, opts: ConvertOptions) -> SessionRes
                 "context_detected": target.context_detected,
                 "context": context,
                 "scene_context": context,
-                "scene_type": target.scene_type,
+                "scene_type": scene_type,
                 "padded_frames": pad,
                 "format_version": session.version,
                 "source": "eevee_v1",
