@@ -1,0 +1,88 @@
+"""The server CLI shared by scripts/inference_server.py (torch by default) and
+scripts/mlx_inference_server.py (MLX by default): flags, API key, model loading, uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import sys
+
+from ..config import SecretFilter, add_settings_args, load_settings_or_exit, settings_from_args, setup_logging
+from .backends import BACKENDS, BackendError, create_backend  # no torch import at module level
+from .client import read_api_key
+
+GRACEFUL_SHUTDOWN_S = 30
+
+
+def build_parser(settings, default_backend: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    add_settings_args(parser, settings, ["model_path", "host", "port", "mixed_precision", "max_seq_length",
+                                         "frame_layout"])
+    parser.add_argument("--adapter_path", default=None,
+                        help="LoRA adapter folder loaded on top of --model_path (torch backend only)")
+    parser.add_argument("--backend", choices=BACKENDS, default=default_backend,
+                        help=f"what runs the model (default: {default_backend})")
+    parser.add_argument("--api_key_env", default=None, metavar="VAR",
+                        help="name of the environment (or .env) variable holding the API key; when set, "
+                             "/v1/* and /metrics need 'Authorization: Bearer <key>' (the key is never logged)")
+    parser.add_argument("--max_body_mb", type=float, default=8.0, help="largest request body in MiB (413 above)")
+    parser.add_argument("--frame_cache_size", type=int, default=128,
+                        help="vision features of this many frames are kept for session streams (0 = off)")
+    parser.add_argument("--max_batch", type=int, default=8, help="most requests the model worker takes at once")
+    parser.add_argument("--batch_wait_ms", type=float, default=2.0,
+                        help="how long the worker waits for more requests to join a batch")
+    parser.add_argument("--model_version", default=None,
+                        help="version string reported by the API and /metrics (default: folder name + config hash)")
+    parser.add_argument("--no_warmup", action="store_true", help="report ready without a warm-up prediction")
+    parser.add_argument("--log_level", default="info", choices=("debug", "info", "warning", "error"),
+                        help="log verbosity")
+    return parser
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def main(argv=None, default_backend: str = "torch", description: str = __doc__) -> int:
+    settings = load_settings_or_exit()
+    args = build_parser(settings, default_backend, description).parse_args(argv)
+    settings = settings_from_args(settings, args)
+    api_key = read_api_key(args.api_key_env)
+    log = setup_logging(settings, getattr(logging, args.log_level.upper()))
+    if api_key:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(SecretFilter([api_key]))
+    if args.max_body_mb <= 0 or args.max_batch < 1 or args.frame_cache_size < 0:
+        print("error: --max_body_mb must be > 0, --max_batch >= 1, --frame_cache_size >= 0", file=sys.stderr)
+        return 2
+    if not _is_loopback(settings.host) and not api_key:
+        log.warning("binding %s without --api_key_env: anyone who can reach this port can use the model",
+                    settings.host)
+    # Heavy imports (torch, transformers, fastapi) only once the flags are known to be good.
+    from ..modeling import ModelLoadError
+    from .app import ServerConfig, create_app
+
+    log.info("loading %s (%s backend)%s", settings.model_path, args.backend,
+             f" + adapter {args.adapter_path}" if args.adapter_path else "")
+    try:
+        backend = create_backend(args.backend, settings.model_path, args.adapter_path,
+                                 precision=settings.mixed_precision, max_seq_length=settings.max_seq_length,
+                                 frame_layout=settings.frame_layout, version=args.model_version)
+    except (ModelLoadError, BackendError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    config = ServerConfig(api_key=api_key, max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+                          frame_cache_size=args.frame_cache_size, max_batch=args.max_batch,
+                          batch_wait_ms=args.batch_wait_ms, warmup=not args.no_warmup)
+    app = create_app(backend, config)
+
+    import uvicorn
+
+    # log_config=None: uvicorn's loggers go through our root handler, which redacts secrets.
+    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, log_level=args.log_level,
+                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, server_header=False)
+    return 0

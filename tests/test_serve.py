@@ -1,0 +1,320 @@
+"""Inference server and health monitor: the real server (uvicorn subprocess, tiny model) on a free
+loopback port, real HTTP, nothing mocked."""
+
+import base64
+import io
+import json
+import math
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import httpx
+import pytest
+from PIL import Image
+
+from pokemon_gemma.dataset import BUTTONS
+from pokemon_gemma.monitor import error_rates, parse_metrics
+from pokemon_gemma.serve.client import auth_headers, data_url, encode_image, predict_payload, synthetic_stream
+from pokemon_gemma.serve.launch import ServerProcess
+from tests.conftest import REPO_ROOT
+
+API_KEY = "sk-test-SERVE-0123456789abcdef"
+FRAMES = synthetic_stream(8)
+
+
+def metric(text: str, name: str, **labels) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total
+
+
+def client(url: str, key: str | None = None) -> httpx.Client:
+    return httpx.Client(base_url=url, timeout=60, trust_env=False, headers=auth_headers(key))
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    # cwd is an empty folder: a developer's .env must not change the server under test.
+    cwd = tmp_path_factory.mktemp("server")
+    with ServerProcess(["--model_path", str(tiny_model_dir), "--max_body_mb", "1"], log_path=cwd / "server.log",
+                       cwd=cwd) as srv:
+        yield srv
+
+
+def assert_valid_prediction(body: dict) -> None:
+    probs = body["probabilities"]
+    assert sorted(probs) == sorted(BUTTONS)
+    assert math.isclose(sum(probs.values()), 1.0, abs_tol=1e-6)
+    assert body["button"] == max(probs, key=probs.get) and body["output"] == {"button": body["button"]}
+    assert body["model_version"].startswith("tiny_gemma3") and body["latency_ms"] > 0
+
+
+def test_predict_score_and_generate(server):
+    with client(server.url) as c:
+        assert c.get("/health").json() == {"status": "ok"}
+        assert c.get("/ready").json()["ready"] is True
+        r = c.post("/v1/predict", json=predict_payload(FRAMES[:4], context="Goal: reach the door."))
+        assert r.status_code == 200, r.text
+        assert_valid_prediction(r.json())
+        # JPEG frames and data URLs are accepted too
+        jpeg = [data_url(encode_image(Image.new("RGB", (160, 144), (i * 50, 10, 10)), "JPEG"), "image/jpeg")
+                for i in range(4)]
+        assert_valid_prediction(c.post("/v1/predict", json=predict_payload(jpeg)).json())
+        r = c.post("/v1/predict", json={**predict_payload(FRAMES[:4], mode="generate"), "max_new_tokens": 8})
+        body = r.json()
+        assert r.status_code == 200 and body["mode"] == "generate" and isinstance(body["raw"], str)
+        # the random tiny model rarely writes valid JSON: then the server says so instead of guessing
+        assert (body["parse_error"] is None) == (body["button"] in BUTTONS)
+
+
+def _png_of_size(w: int, h: int) -> str:
+    buf = io.BytesIO()
+    Image.new("L", (w, h)).save(buf, format="PNG", optimize=True)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _gif() -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="GIF")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+BAD_REQUESTS = [
+    # (what, body bytes or JSON object, status, words in the reason)
+    ("empty body", b"", 400, "empty body"),
+    ("not JSON", b"{frames:", 400, "not valid JSON"),
+    ("JSON array", [FRAMES[0]], 400, "JSON object"),
+    ("missing frames", {"context": "x"}, 422, "frames: missing"),
+    ("3 frames", {"frames": FRAMES[:3]}, 422, "expected 4 frames"),
+    ("5 frames", {"frames": FRAMES[:5]}, 422, "got 5"),
+    ("frames not a list", {"frames": "abc"}, 422, "expected a list"),
+    ("frame not a string", {"frames": [1, 2, 3, 4]}, 422, "frames[0]: expected a base64"),
+    ("not base64", {"frames": ["@@@@"] + FRAMES[:3]}, 422, "frames[0]: not valid base64"),
+    ("undecodable image", {"frames": FRAMES[:3] + [base64.b64encode(b"not an image").decode()]}, 422,
+     "frames[3]: undecodable image"),
+    ("truncated PNG", {"frames": [FRAMES[0][:200]] + FRAMES[:3]}, 422, "frames[0]: undecodable image"),
+    ("GIF", {"frames": [_gif()] + FRAMES[:3]}, 422, "only PNG and JPEG"),
+    ("huge image", {"frames": [_png_of_size(5000, 4000)] + FRAMES[:3]}, 422, "too large"),
+    ("file path", {"frames": ["/etc/passwd"] * 4}, 422, "file paths are not accepted"),
+    ("relative path", {"frames": ["frames/0001.png"] * 4}, 422, "file paths"),
+    ("file URL", {"frames": ["file:///etc/hosts"] * 4}, 422, "file paths"),
+    ("unknown mode", {"frames": FRAMES[:4], "mode": "sample"}, 422, "unknown mode 'sample'"),
+    ("context not a string", {"frames": FRAMES[:4], "context": ["a"]}, 422, "context: expected a string"),
+    ("session_id not a string", {"frames": FRAMES[:4], "session_id": 7}, 422, "session_id: expected a string"),
+    ("bad max_new_tokens", {"frames": FRAMES[:4], "max_new_tokens": 100000}, 422, "max_new_tokens"),
+    ("unknown field", {"frames": FRAMES[:4], "frame_paths": ["/x.png"]}, 422, "unknown field 'frame_paths'"),
+    ("oversized body", b'{"frames": ["' + b"A" * (1024 * 1024 + 10) + b'"]}', 413, "exceeds the 1048576-byte limit"),
+]
+
+
+def test_every_bad_input_gets_its_4xx_and_the_server_keeps_answering(server):
+    with client(server.url) as c:
+        for what, body, status, words in BAD_REQUESTS:
+            kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
+            r = c.post("/v1/predict", **kwargs)
+            assert r.status_code == status, (what, r.text)
+            message = r.json()["error"]["message"]
+            assert words in message and "\n" not in message and "Traceback" not in r.text, (what, message)
+            assert c.get("/health").status_code == 200, what
+        # chunked upload without Content-Length is cut off at the limit too
+        r = c.post("/v1/predict", content=iter([b"x" * 600_000, b"y" * 600_000]))
+        assert r.status_code == 413
+        assert c.get("/v1/predict").status_code == 405
+        assert c.get("/nope").status_code == 404 and "error" in c.get("/nope").json()
+        assert c.post("/v1/predict", json=predict_payload(FRAMES[:4])).status_code == 200
+    assert server.proc.poll() is None
+    assert "Traceback" not in server.log()
+
+
+def test_chat_completions_openai_shape(server):
+    images = [{"type": "image_url", "image_url": {"url": data_url(f)}} for f in FRAMES[:4]]
+    body = {"model": "pokemon-gemma", "messages": [
+        {"role": "system", "content": "Goal: talk to the villager."},
+        {"role": "user", "content": [*images, {"type": "text", "text": "Which button next?"}]}]}
+    with client(server.url) as c:
+        r = c.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out["object"] == "chat.completion" and out["choices"][0]["message"]["role"] == "assistant"
+        answer = json.loads(out["choices"][0]["message"]["content"])
+        assert answer["button"] == out["button"] in BUTTONS
+        remote = {**body, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "http://example.com/x.png"}}] * 4}]}
+        r = c.post("/v1/chat/completions", json=remote)
+        assert r.status_code == 422 and "only data: URLs" in r.json()["error"]["message"]
+        r = c.post("/v1/chat/completions", json={**body, "messages": [body["messages"][1] | {"content": images[:2]}]})
+        assert r.status_code == 422 and "got 2" in r.json()["error"]["message"]
+        assert c.post("/v1/chat/completions", json={**body, "stream": True}).status_code == 400
+
+
+def test_metrics_counters_move(server):
+    with client(server.url) as c:
+        before = c.get("/metrics").text
+        for _ in range(2):
+            assert c.post("/v1/predict", json=predict_payload(FRAMES[1:5])).status_code == 200
+        assert c.post("/v1/predict", json={"frames": FRAMES[:2]}).status_code == 422
+        after = c.get("/metrics").text
+    ok = dict(name="pokemon_requests_total", endpoint="/v1/predict", code="200")
+    assert metric(after, **ok) - metric(before, **ok) == 2
+    err = dict(name="pokemon_errors_total", endpoint="/v1/predict", code="422")
+    assert metric(after, **err) - metric(before, **err) == 1
+    lat = dict(name="pokemon_request_latency_seconds_count", endpoint="/v1/predict")
+    assert metric(after, **lat) - metric(before, **lat) == 3
+    assert metric(after, "pokemon_predictions_total", mode="score") - metric(before, "pokemon_predictions_total", mode="score") == 2
+    assert metric(after, "pokemon_ready") == 1
+    assert metric(after, "pokemon_model_info", backend="torch") == 1
+
+
+def test_session_stream_reuses_frame_features(server):
+    with client(server.url) as c:
+        before = c.get("/metrics").text
+        stream = [c.post("/v1/predict", json=predict_payload(FRAMES[i:i + 4], session_id="run-1")).json()
+                  for i in range(5)]
+        fresh = [c.post("/v1/predict", json=predict_payload(FRAMES[i:i + 4])).json() for i in range(5)]
+        after = c.get("/metrics").text
+    assert [r["cache"] for r in stream] == [{"hits": 0, "frames_encoded": 4}] + [{"hits": 3, "frames_encoded": 1}] * 4
+    assert all(r["cache"] == {"hits": 0, "frames_encoded": 4} for r in fresh)
+    # cached features give the same answer as encoding every frame
+    for s, f in zip(stream, fresh):
+        assert s["button"] == f["button"]
+        assert all(math.isclose(s["probabilities"][b], f["probabilities"][b], abs_tol=1e-5) for b in BUTTONS)
+    assert metric(after, "pokemon_frame_cache_hits_total") - metric(before, "pokemon_frame_cache_hits_total") == 12
+    assert metric(after, "pokemon_frame_cache_misses_total") - metric(before, "pokemon_frame_cache_misses_total") == 8
+    encoded = metric(after, "pokemon_vision_frames_encoded_total") - metric(before, "pokemon_vision_frames_encoded_total")
+    assert encoded == 8 + 20
+
+
+def test_requests_run_off_the_event_loop(server):
+    """8 concurrent generations: all succeed, and /health answers quickly while they run."""
+    payload = {**predict_payload(FRAMES[:4], mode="generate"), "max_new_tokens": 32}
+    with client(server.url) as c, ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(lambda: client(server.url).post("/v1/predict", json=payload)) for _ in range(8)]
+        time.sleep(0.3)
+        start = time.perf_counter()
+        assert c.get("/health").status_code == 200
+        health_s = time.perf_counter() - start
+        busy = sum(not f.done() for f in futures)
+        assert [f.result().status_code for f in futures] == [200] * 8
+    assert busy > 0, "the generations finished before /health was probed; the check proved nothing"
+    assert health_s < 1.0
+
+
+class _Webhook(BaseHTTPRequestHandler):
+    received: list = []
+
+    def do_POST(self):
+        _Webhook.received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def run_monitor_cli(url: str, out, *extra, env=None):
+    cmd = [sys.executable, str(REPO_ROOT / "scripts" / "health_monitor.py"), "--server_url", url,
+           "--interval", "0.2", "--output", str(out), *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=REPO_ROOT)
+
+
+def test_auth_monitor_graceful_shutdown_then_down(tiny_model_dir, tmp_path):
+    import os
+
+    env = {**os.environ, "SERVE_TEST_KEY": API_KEY}
+    srv = ServerProcess(["--model_path", str(tiny_model_dir), "--api_key_env", "SERVE_TEST_KEY"],
+                        log_path=tmp_path / "server.log", env=env, cwd=tmp_path).wait_ready()
+    try:
+        payload = predict_payload(FRAMES[:4])
+        with client(srv.url) as anon, client(srv.url, "sk-wrong-key") as wrong, client(srv.url, API_KEY) as good:
+            r = anon.post("/v1/predict", json=payload)
+            assert r.status_code == 401 and "missing API key" in r.json()["error"]["message"]
+            assert r.headers["www-authenticate"] == "Bearer"
+            assert wrong.post("/v1/predict", json=payload).status_code == 401
+            assert anon.get("/metrics").status_code == 401
+            assert anon.get("/health").status_code == 200  # liveness stays open
+            assert good.post("/v1/predict", json=payload).status_code == 200
+            assert good.get("/metrics").status_code == 200
+
+        # the monitor needs the key for /metrics and the probe; with it the server is healthy
+        out = tmp_path / "status.jsonl"
+        no_key = run_monitor_cli(srv.url, out, "--max_checks", "1", env=env)
+        assert no_key.returncode == 1 and "401" in no_key.stdout
+        out.unlink()
+        done = run_monitor_cli(srv.url, out, "--max_checks", "2", "--api_key_env", "SERVE_TEST_KEY", env=env)
+        assert done.returncode == 0, done.stdout + done.stderr
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [r["status"] for r in rows] == ["healthy", "healthy"]
+        assert rows[1]["predict"]["ok"] and rows[1]["predict"]["button"] in BUTTONS
+        assert rows[0]["metrics"]["error_rate"] == 0 and rows[0]["metrics"]["client_error_rate"] > 0  # the 401s
+        assert rows[1]["metrics"]["requests"] == 1  # the first check's probe
+        assert "HEALTHY" in done.stdout
+        # an impossible latency threshold makes the same server "slow"
+        slow = run_monitor_cli(srv.url, tmp_path / "slow.jsonl", "--max_checks", "1", "--api_key_env",
+                               "SERVE_TEST_KEY", "--latency_threshold_ms", "0.001", env=env)
+        assert slow.returncode == 1 and "slow: predict took" in slow.stdout
+
+        # SIGTERM while generations are in flight: every one of them still gets its answer
+        gen = {**predict_payload(FRAMES[:4], mode="generate"), "max_new_tokens": 64}
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(lambda: client(srv.url, API_KEY).post("/v1/predict", json=gen)) for _ in range(4)]
+            time.sleep(0.5)
+            in_flight = sum(not f.done() for f in futures)
+            rc = srv.stop()
+            codes = [f.result().status_code for f in futures]
+        # uvicorn re-raises SIGTERM once it has shut down cleanly
+        assert in_flight > 0 and codes == [200] * 4 and rc in (0, -15)
+    finally:
+        srv.stop()
+    log = srv.log()
+    assert "Shutting down" in log or "Finished server process" in log
+    assert API_KEY not in log and "sk-wrong-key" not in log
+
+    # the server is gone: the monitor must say unhealthy (exit 1) and alert the webhook
+    hook = HTTPServer(("127.0.0.1", 0), _Webhook)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    try:
+        down = run_monitor_cli(srv.url, out, "--max_checks", "2", "--alert_webhook",
+                               f"http://127.0.0.1:{hook.server_port}/alert", env=env)
+    finally:
+        hook.shutdown()
+    assert down.returncode == 1
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["status"] for r in rows[-2:]] == ["unhealthy", "unhealthy"]
+    assert rows[-1]["reasons"][0].startswith("down: /health unreachable")
+    assert len(_Webhook.received) == 1 and _Webhook.received[0]["status"] == "unhealthy"
+
+
+def test_error_rate_from_metric_deltas(server):
+    with client(server.url) as c:
+        first = parse_metrics(c.get("/metrics").text)
+        c.post("/v1/predict", json=predict_payload(FRAMES[:4]))
+        c.post("/v1/predict", content=b"[]")
+        second = parse_metrics(c.get("/metrics").text)
+    n, rate5, rate4 = error_rates(first, second)
+    assert n == 2 and rate5 == 0 and rate4 == 0.5  # only /v1/* requests count
+    assert second.model_version.startswith("tiny_gemma3")
+    # a restarted server (counters went down) is measured from zero, not as negative rates
+    assert error_rates(second, first)[0] == first.requests
+
+
+def test_server_cli_errors(tmp_path):
+    script = str(REPO_ROOT / "scripts" / "inference_server.py")
+    r = subprocess.run([sys.executable, script, "--model_path", str(tmp_path / "missing")],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: cannot load")
+    assert "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, script, "--api_key_env", "NO_SUCH_VAR_SET"], capture_output=True, text=True,
+                       timeout=120, cwd=tmp_path)
+    assert r.returncode == 2 and "NO_SUCH_VAR_SET is unset or empty" in r.stderr
+    mon = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "health_monitor.py"), "--server_url",
+                          "127.0.0.1:8000"], capture_output=True, text=True, timeout=60)
+    assert mon.returncode == 2 and "must start with http://" in mon.stderr
