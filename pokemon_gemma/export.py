@@ -256,7 +256,10 @@ def _load_adapter(model, lora_path: Path, base_model: str):
     try:
         peft_model = PeftModel.from_pretrained(model, str(lora_path), is_trainable=False)
     except (RuntimeError, ValueError, KeyError) as exc:
-        raise ExportError(f"adapter/base mismatch: {lora_path} does not fit {base_model}: {_first_line(exc)}") from None
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        reason = next((ln for ln in lines if "size mismatch" in ln), lines[0] if lines else type(exc).__name__)
+        raise ExportError(f"adapter/base mismatch: {lora_path} does not fit {base_model} ({reason}; "
+                          "was the adapter trained on another model?)") from None
     # peft only warns when adapter tensors find no module; a merge would then silently do nothing.
     saved = set(load_peft_weights(str(lora_path), device="cpu"))
     loaded = set(get_peft_model_state_dict(peft_model))
@@ -444,8 +447,14 @@ VISION_PREFIX_FIX = "vision_tower.* weights renamed to vision_tower.vision_model
 MLX_FIXES = [f.__name__ for f in CONFIG_FIXES] + ["fix_vision_tower_prefix"]
 
 
-def apply_config_fixes(config: dict) -> list[str]:
-    return [d for d in (fix(config) for fix in CONFIG_FIXES) if d]
+def apply_config_fixes(config: dict) -> list[dict[str, str]]:
+    """Apply every config fix that is needed; [{"fix": name, "change": what changed}] for those."""
+    applied = []
+    for fix in CONFIG_FIXES:
+        change = fix(config)
+        if change:
+            applied.append({"fix": fix.__name__, "change": change})
+    return applied
 
 
 def _renamed(key: str) -> str:
@@ -486,7 +495,7 @@ def fix_vision_tower_prefix(folder: Path) -> str | None:
     return f"{VISION_PREFIX_FIX} ({renamed} tensors)" if renamed else None
 
 
-def prepare_mlx_source(model_path: Path, work_dir: Path) -> list[str]:
+def prepare_mlx_source(model_path: Path, work_dir: Path) -> list[dict[str, str]]:
     """A fixed copy of `model_path` in `work_dir` (weights linked unless rewritten); the fixes applied."""
     for item in model_path.iterdir():
         dest = work_dir / item.name
@@ -503,7 +512,7 @@ def prepare_mlx_source(model_path: Path, work_dir: Path) -> list[str]:
         atomic_write_json(work_dir / "config.json", config)
     vision = fix_vision_tower_prefix(work_dir)
     if vision:
-        fixes.append(vision)
+        fixes.append({"fix": "fix_vision_tower_prefix", "change": vision})
     return fixes
 
 
@@ -680,7 +689,7 @@ def export_mlx(model_path: str | Path, output_path: str | Path, *, quantization_
     try:
         fixes = prepare_mlx_source(source, work)
         for fix in fixes:
-            log.info("fix applied: %s", fix)
+            log.info("fix applied: %s", fix["change"])
         convert_s = run_mlx_converter(work, staging, bits=quantization_bits, group_size=group_size, dtype=dtype)
         copied = copy_tokenizer_files(source, staging)
         verification: dict[str, Any] = {"ran": False}

@@ -34,15 +34,28 @@ def import_mlx_vlm():
     path of whoever shares the process (the evaluator compares both). We restore the original."""
     from transformers import AutoProcessor
 
-    original = AutoProcessor.__dict__["from_pretrained"]
     try:
         import mlx_vlm  # noqa: F401
         import mlx_vlm.models.gemma3  # noqa: F401
     finally:
-        setattr(AutoProcessor, "from_pretrained", original)
+        setattr(AutoProcessor, "from_pretrained", _unpatched(AutoProcessor.__dict__["from_pretrained"]))
     import mlx_vlm
 
     return mlx_vlm
+
+
+def _unpatched(descriptor):
+    """transformers' own AutoProcessor.from_pretrained under any chain of mlx-vlm patches (each
+    keeps the previous one in its closure as `previous_from_pretrained`), so that the restore also
+    works when someone imported an mlx-vlm model before us."""
+    func = descriptor.__func__
+    while func.__name__ == "_patched_auto_processor_from_pretrained" and func.__closure__:
+        cells = dict(zip(func.__code__.co_freevars, (c.cell_contents for c in func.__closure__)))
+        previous = cells.get("previous_from_pretrained")
+        if previous is None:
+            break
+        func = previous.__func__
+    return classmethod(func)
 
 
 def load_mlx_model(mlx_dir: str | Path, dtype: str | None = None):

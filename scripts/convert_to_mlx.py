@@ -73,8 +73,10 @@ def main(argv=None) -> int:
         return exc.code
     quant = f"{args.quantization_bits}-bit" if args.quantization_bits else m["dtype"]
     print(f"exported {args.model_path} -> {args.output_path} ({quant}, convert {m['timings']['convert_s']} s)")
-    for fix in m["fixes_applied"] or ["none needed"]:
-        print(f"  fix: {fix}")
+    for fix in m["fixes_applied"]:
+        print(f"  fix: {fix['change']}")
+    if not m["fixes_applied"]:
+        print("  no fixes needed")
     v = m["verification"]
     if not v.get("ran"):
         print("verification skipped (--no-verify)")

@@ -1,0 +1,261 @@
+"""Merge a LoRA adapter trained a few steps on the tiny model, then export it to MLX (real mlx[cpu],
+real mlx-vlm converter, nothing mocked) and compare with PyTorch."""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+
+pytest.importorskip("mlx_vlm")
+
+import convert_to_mlx  # noqa: E402
+import merge_qlora  # noqa: E402
+
+from pokemon_gemma import export  # noqa: E402
+from pokemon_gemma.collate import Collator  # noqa: E402
+from pokemon_gemma.dataset import BUTTONS  # noqa: E402
+from pokemon_gemma.modeling import apply_lora, load_for_inference, load_model, load_processor  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def base_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model plus a `tokenizer.model` (real Gemma folders have one; merges must keep it),
+    and gemma-3-4b's linear x8 RoPE scaling on the global layers (the MLX export must keep it)."""
+    base = tmp_path_factory.mktemp("export") / "base"
+    shutil.copytree(tiny_model_dir, base)
+    (base / "tokenizer.model").write_bytes(b"sentencepiece model bytes\x00\x01")
+    config = json.loads((base / "config.json").read_text())
+    config["text_config"]["rope_parameters"]["full_attention"] = {"rope_type": "linear", "factor": 8.0,
+                                                                   "rope_theta": 1000000.0}
+    (base / "config.json").write_text(json.dumps(config, indent=2))
+    return base
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(base_dir) -> Path:
+    """A LoRA adapter trained 4 AdamW steps on fixed demo samples (lora_B starts at zero, so the
+    steps are what makes the merge change the model)."""
+    torch.manual_seed(0)
+    model = apply_lora(load_model(str(base_dir)), r=4, alpha=8, dropout=0.0)
+    collator = Collator(load_processor(str(base_dir)), max_seq_length=4096)
+    samples = export.fixed_samples(2)
+    batch = collator.pad([collator.encode(s.record, images=s.frames) for s in samples])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    model.train()
+    for _ in range(4):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    out = base_dir.parent / "adapter"
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def merged_dir(base_dir, adapter_dir) -> Path:
+    out = base_dir.parent / "merged"
+    rc = merge_qlora.main(["--base_model", str(base_dir), "--lora_path", str(adapter_dir), "--output_path", str(out),
+                           "--dtype", "fp32", "--verify_samples", "2"])
+    assert rc == 0
+    return out
+
+
+def _error(captured) -> str:
+    """The one error line of a CLI run (log lines also go to stderr); no traceback."""
+    err = captured.err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def _logits(model, collator, sample, token_type_ids=True):
+    return export.torch_logits(model, collator, sample, token_type_ids=token_type_ids)
+
+
+def test_merge_equals_adapter_and_writes_manifest(base_dir, adapter_dir, merged_dir):
+    manifest = json.loads((merged_dir / export.MERGE_MANIFEST).read_text())
+    assert manifest["base_model"] == str(base_dir)
+    assert manifest["adapter"]["sha256"] == export.file_sha256(adapter_dir / "adapter_model.safetensors")
+    assert manifest["dtype"] == "fp32" and manifest["versions"]["peft"] and manifest["created"]
+    assert manifest["verification"]["passed"] and manifest["verification"]["max_abs_logit_diff"] < 1e-4
+    # every tokenizer file of the base, tokenizer.model included (byte for byte)
+    assert (merged_dir / "tokenizer.model").read_bytes() == (base_dir / "tokenizer.model").read_bytes()
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "processor_config.json"):
+        assert (merged_dir / name).is_file(), name
+
+    # independently of the manifest: merged == base + adapter, and the adapter does change the model
+    processor = load_processor(str(merged_dir))
+    collator = Collator(processor, max_seq_length=4096)
+    sample = export.fixed_samples(3)[2]
+    adapter_model, _ = load_for_inference(str(base_dir), str(adapter_dir), device="cpu")
+    merged = load_model(str(merged_dir)).eval()
+    base = load_model(str(base_dir)).eval()
+    with_adapter = _logits(adapter_model, collator, sample)[0]
+    got = _logits(merged, collator, sample)[0]
+    assert float((got - with_adapter).abs().max()) < 1e-4
+    assert float((_logits(base, collator, sample)[0] - got).abs().max()) > 1e-2
+
+
+def test_merge_errors_are_one_line(base_dir, adapter_dir, merged_dir, tmp_path, capsys):
+    # output exists without --overwrite: usage error
+    rc = merge_qlora.main(["--base_model", str(base_dir), "--lora_path", str(adapter_dir),
+                           "--output_path", str(merged_dir), "--no-verify"])
+    err = _error(capsys.readouterr())
+    assert rc == 2 and "output folder exists" in err and "--overwrite" in err
+
+    # missing adapter weights
+    broken = tmp_path / "broken_adapter"
+    shutil.copytree(adapter_dir, broken)
+    (broken / "adapter_model.safetensors").unlink()
+    rc = merge_qlora.main(["--base_model", str(base_dir), "--lora_path", str(broken), "--output_path",
+                           str(tmp_path / "out1")])
+    err = _error(capsys.readouterr())
+    assert rc == 2 and f"{broken}/adapter_model.safetensors: missing" in err
+    assert not (tmp_path / "out1").exists()
+
+    # an adapter made for another model size (lora_A of the wrong width)
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "other_adapter"
+    shutil.copytree(adapter_dir, other)
+    tensors = load_file(other / "adapter_model.safetensors")
+    key = next(k for k in tensors if "lora_A" in k)
+    tensors[key] = torch.zeros(tensors[key].shape[0], tensors[key].shape[1] * 2)
+    save_file(tensors, other / "adapter_model.safetensors")
+    rc = merge_qlora.main(["--base_model", str(base_dir), "--lora_path", str(other), "--output_path",
+                           str(tmp_path / "out2")])
+    err = _error(capsys.readouterr())
+    assert rc == 1 and err.startswith("error: adapter/base mismatch") and "size mismatch" in err
+    assert not (tmp_path / "out2").exists() and not list(tmp_path.glob(".out2*"))
+
+    with pytest.raises(export.ExportError, match="not enough disk"):
+        export.check_free_disk(tmp_path, 10**18)
+
+
+def test_config_fixes_are_noops_when_not_needed():
+    config = {"model_type": "gemma3", "mm_tokens_per_image": 256,
+              "text_config": {"hidden_size": 2560, "rope_parameters": {
+                  "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+                  "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}}}
+    applied = export.apply_config_fixes(config)
+    assert [f["fix"] for f in applied] == ["fix_mm_tokens_in_text_config", "fix_top_level_hidden_size",
+                                           "fix_rope_parameters"]
+    text = config["text_config"]
+    assert text["rope_scaling"] == {"rope_type": "linear", "factor": 8.0}
+    assert text["rope_local_base_freq"] == 10000.0 and text["rope_global_base_freq"] == 1000000.0
+    assert config["hidden_size"] == 2560 and text["mm_tokens_per_image"] == 256
+    assert export.apply_config_fixes(config) == []
+
+
+@pytest.fixture(scope="module")
+def mlx_fp32_dir(merged_dir) -> Path:
+    # A transformers-5 folder without a top-level hidden_size (mlx-vlm would assume 2048).
+    source = merged_dir.parent / "merged_no_hidden"
+    shutil.copytree(merged_dir, source)
+    config = json.loads((source / "config.json").read_text())
+    config.pop("hidden_size", None)
+    (source / "config.json").write_text(json.dumps(config, indent=2))
+    out = merged_dir.parent / "mlx_fp32"
+    rc = convert_to_mlx.main(["--model_path", str(source), "--output_path", str(out), "--quantization_bits", "none",
+                              "--verify_samples", "6", "--logit_samples", "2"])
+    assert rc == 0
+    return out
+
+
+def test_fp32_export_matches_pytorch(mlx_fp32_dir, merged_dir):
+    manifest = json.loads((mlx_fp32_dir / export.EXPORT_MANIFEST).read_text())
+    applied = {f["fix"] for f in manifest["fixes_applied"]}
+    assert applied == set(export.MLX_FIXES) == {"fix_mm_tokens_in_text_config", "fix_top_level_hidden_size",
+                                                "fix_rope_parameters", "fix_vision_tower_prefix"}
+    config = json.loads((mlx_fp32_dir / "config.json").read_text())
+    assert config["hidden_size"] == 64 and config["text_config"]["mm_tokens_per_image"] == 16
+    assert config["text_config"]["rope_scaling"] == {"rope_type": "linear", "factor": 8.0}
+    assert manifest["quantization"] is None and manifest["dtype"] == "float32"
+    assert manifest["versions"]["mlx-vlm"] and manifest["versions"]["transformers"]
+    v = manifest["verification"]
+    assert v["passed"] and v["logits"]["max_abs_diff"] <= 1e-3
+    assert v["buttons"]["agreement_vs_pytorch_causal"] == 1.0
+    assert 0.0 <= v["buttons"]["agreement_vs_pytorch_with_token_type_ids"] <= 1.0
+
+    # independently of the manifest: the export itself, loaded by mlx_vlm.load, vs PyTorch (no token_type_ids)
+    from pokemon_gemma.mlx_backend import MlxButtonScorer, import_mlx_vlm
+
+    mlx_vlm = import_mlx_vlm()
+    model, _ = mlx_vlm.load(str(mlx_fp32_dir))
+    assert hasattr(model, "vision_tower") and hasattr(model, "multi_modal_projector")
+    scorer = MlxButtonScorer(mlx_fp32_dir)
+    collator = Collator(load_processor(str(merged_dir)), max_seq_length=4096)
+    pt = load_model(str(merged_dir)).eval()
+    sample = export.fixed_samples(4)[3]
+    ref, enc = _logits(pt, collator, sample, token_type_ids=False)
+    got = scorer.logits(enc.input_ids.numpy(), images=collator.images_for([], sample.frames))
+    assert got.shape == tuple(ref.shape)
+    assert float(np.abs(got - ref.numpy()).max()) <= 1e-3
+    from pokemon_gemma.scoring import ButtonScorer
+
+    r = sample.record
+    mlx_scores = scorer.score(sample.frames, r.context, r.question).logprobs
+    pt_scores = ButtonScorer(pt, collator, causal_images=True).score(sample.frames, r.context, r.question).logprobs
+    assert max(abs(mlx_scores[b] - pt_scores[b]) for b in pt_scores) < 1e-3
+
+
+def test_importing_mlx_backend_keeps_transformers_processor(mlx_fp32_dir, tiny_model_dir):
+    from transformers import AutoProcessor
+
+    from pokemon_gemma.mlx_backend import import_mlx_vlm
+
+    import_mlx_vlm()
+    processor = AutoProcessor.from_pretrained(str(tiny_model_dir))
+    assert type(processor).__module__.startswith("transformers."), type(processor).__module__
+    assert "token_type_ids" in processor(text=["<start_of_image>"], images=[[export.fixed_samples(1)[0].frames[0]]],
+                                         return_tensors="pt")
+
+
+def test_4bit_export_generates_and_reports_agreement(merged_dir, capsys):
+    out = merged_dir.parent / "mlx_4bit"
+    rc = convert_to_mlx.main(["--model_path", str(merged_dir), "--output_path", str(out), "--quantization_bits", "4",
+                              "--verify_samples", "8", "--logit_samples", "1"])
+    captured = capsys.readouterr()
+    manifest = json.loads((out / export.EXPORT_MANIFEST).read_text())
+    buttons = manifest["verification"]["buttons"]
+    assert manifest["quantization"] == {"bits": 4, "group_size": 64}
+    assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 4
+    assert "vs PyTorch with token_type_ids" in captured.out
+    assert manifest["verification"]["logits"]["max_abs_diff"] <= 1e-3  # the unquantised fixed weights
+    # exit 1 exactly when the quantised export picks PyTorch's button on < 90% of the eval set
+    assert rc == (0 if buttons["agreement_vs_pytorch_causal"] >= 0.9 else 1)
+    assert (rc == 1) == ("failed verification" in captured.err)
+
+    from pokemon_gemma.mlx_backend import MlxButtonScorer, import_mlx_vlm
+
+    model, _ = import_mlx_vlm().load(str(out))
+    assert model.language_model.model.layers[0].mlp.up_proj.bits == 4
+    scorer = MlxButtonScorer(out)
+    sample = export.fixed_samples(1)[0]
+    r = sample.record
+    ids = scorer.generate_ids(sample.frames, r.context, r.question, max_new_tokens=6)
+    assert 1 <= len(ids) <= 6 and all(isinstance(i, int) for i in ids)
+    scores = scorer.score(sample.frames, r.context, r.question)
+    assert sorted(scores.logprobs) == sorted(BUTTONS)
+    assert all(np.isfinite(v) and v < 0 for v in scores.logprobs.values())
+
+
+def test_export_errors_are_one_line(adapter_dir, mlx_fp32_dir, merged_dir, tmp_path, capsys):
+    rc = convert_to_mlx.main(["--model_path", str(merged_dir), "--output_path", str(mlx_fp32_dir)])
+    err = _error(capsys.readouterr())
+    assert rc == 2 and "output folder exists" in err
+    rc = convert_to_mlx.main(["--model_path", str(adapter_dir), "--output_path", str(tmp_path / "x")])
+    err = _error(capsys.readouterr())
+    assert rc == 2 and "merge it first" in err
+    rc = convert_to_mlx.main(["--model_path", str(tmp_path), "--output_path", str(tmp_path / "y")])
+    err = _error(capsys.readouterr())
+    assert rc == 2 and "config.json: missing" in err
