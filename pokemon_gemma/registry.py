@@ -217,7 +217,8 @@ def git_commit(repo: Path = REPO_ROOT) -> str | None:
 
 
 def load_metrics(path: Path) -> dict[str, Any]:
-    """Scalar metrics of an eval report (top level, plus one level of nested scalar dicts)."""
+    """Numeric metrics of an eval report (top-level numbers, and dicts of numbers such as per-button scores);
+    descriptive strings and per-example lists stay in the report file (metrics_path)."""
     if not path.is_file():
         raise RegistryError(f"{path}: metrics file not found (pass the eval_report.json written by evaluate.py)")
     try:
@@ -228,7 +229,7 @@ def load_metrics(path: Path) -> dict[str, Any]:
         raise RegistryError(f"{path}:1: expected a JSON object with metrics such as 'accuracy'")
     metrics: dict[str, Any] = {}
     for key, value in report.items():
-        if isinstance(value, (int, float, str, bool)) or value is None:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
             metrics[key] = value
         elif isinstance(value, dict) and value and all(isinstance(v, (int, float)) for v in value.values()):
             metrics[key] = value

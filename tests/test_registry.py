@@ -156,7 +156,7 @@ def test_lineage_metrics_and_masked_training_config_from_a_real_adapter(tmp_path
     (run / "run_config.json").write_text(json.dumps({"dataset_path": str(data), "lora_r": 2,
                                                      "wandb_api_key": SECRET}))
     report = tmp_path / "eval_report.json"
-    report.write_text(json.dumps({"accuracy": 0.625, "n": 16, "per_button": {"A": 0.5},
+    report.write_text(json.dumps({"accuracy": 0.625, "n": 16, "per_button": {"A": 0.5}, "model_name": "x",
                                   "examples": [{"big": "list"}]}))
     db = tmp_path / "reg.db"
     out = cli(db, "register", "--name", "m", "--checkpoint", str(run), "--metrics", str(report), "--tags", "run=t")
