@@ -60,11 +60,12 @@ class TorchBackend:
     """The shared `ButtonScorer` over a transformers model (optionally with a LoRA adapter)."""
 
     def __init__(self, model, processor, *, kind: str, max_seq_length: int = 2048, frame_layout: str = "images",
-                 blank_frames: bool = False):
+                 blank_frames: bool = False, base_model: str | None = None, adapter_path: str | None = None):
         from .collate import Collator
         from .scoring import ButtonScorer
 
         self.kind = kind
+        self.base_model, self.adapter_path = base_model, adapter_path  # as resolved (an adapter names its base)
         self.collator = Collator(processor, max_seq_length, frame_layout, blank_frames=blank_frames)
         self.scorer = ButtonScorer(model, self.collator)
 
@@ -73,6 +74,9 @@ class TorchBackend:
 
     def generate(self, frames, context, question, max_new_tokens: int = 96) -> str:
         return self.scorer.generate(frames, context, question, max_new_tokens=max_new_tokens)
+
+    def generate_batch(self, items, max_new_tokens: int = 96) -> list[str]:
+        return self.scorer.generate_batch(items, max_new_tokens=max_new_tokens)
 
 
 class MlxBackend:
@@ -149,7 +153,7 @@ def load_backend(model_name: str, adapter_path: str | None = None, *, backend: s
     except ModelLoadError as exc:
         raise EvalError(str(exc)) from None
     return TorchBackend(model, processor, kind=kind, max_seq_length=max_seq_length, frame_layout=frame_layout,
-                        blank_frames=blank_frames)
+                        blank_frames=blank_frames, base_model=model_name, adapter_path=adapter_path)
 
 
 def run_frame_layout(model_name: str, adapter_path: str | None) -> str | None:
@@ -200,37 +204,57 @@ def previous_button(record: Record) -> str | None:
 
 
 def predict(backend: Backend, records: list[Record], mode: str = "score", *, max_new_tokens: int = 96,
-            progress: bool = True, frame_loader=None) -> tuple[list[Prediction], list[dict]]:
-    """Run the backend over the records: (predictions, skipped [{sample_id, reason}])."""
+            batch_size: int = 1, progress: bool = True, frame_loader=None) -> tuple[list[Prediction], list[dict]]:
+    """Run the backend over the records: (predictions, skipped [{sample_id, reason}]).
+
+    Score mode takes one sample at a time (its 8 answers already share one prompt pass); generate mode
+    sends `batch_size` samples per call when the backend has `generate_batch`, and a sample's latency
+    is then its share of the batch's time."""
     from tqdm import tqdm
 
     from .collate import FrameLoader, SampleError
-    from .scoring import parse_generated
 
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     frames_of = frame_loader or FrameLoader()
+    step = max(1, batch_size) if mode == "generate" and hasattr(backend, "generate_batch") else 1
     predictions, skipped = [], []
-    for record in tqdm(records, desc=f"evaluate ({mode})", unit="sample", disable=not progress):
-        try:
-            frames = [frames_of.load(p) for p in record.frames]
-        except SampleError as exc:
-            skipped.append({"sample_id": record.sample_id, "reason": str(exc)})
-            continue
-        start = time.perf_counter()
-        if mode == "score":
-            scores = backend.score(frames, record.context, record.question)
-            latency = time.perf_counter() - start
-            pred = Prediction(record.sample_id, record.button, scores.button, scene_context(record), latency,
-                              probabilities=scores.probabilities)
-        else:
-            text = backend.generate(frames, record.context, record.question, max_new_tokens=max_new_tokens)
-            latency = time.perf_counter() - start
-            parsed, error = parse_generated(text)
-            pred = Prediction(record.sample_id, record.button, parsed["button"] if parsed else INVALID,
-                              scene_context(record), latency, raw_output=text, error=error)
-        predictions.append(pred)
+    with tqdm(total=len(records), desc=f"evaluate ({mode})", unit="sample", disable=not progress) as bar:
+        for i in range(0, len(records), step):
+            batch = []
+            for record in records[i:i + step]:
+                try:
+                    batch.append((record, [frames_of.load(p) for p in record.frames]))
+                except SampleError as exc:
+                    skipped.append({"sample_id": record.sample_id, "reason": str(exc)})
+            if batch:
+                predictions += _predict_batch(backend, batch, mode, max_new_tokens)
+            bar.update(len(records[i:i + step]))
     return predictions, skipped
+
+
+def _predict_batch(backend: Backend, batch: list[tuple[Record, list]], mode: str,
+                   max_new_tokens: int) -> list[Prediction]:
+    from .scoring import parse_generated
+
+    start = time.perf_counter()
+    if mode == "score":
+        (record, frames), = batch
+        scores = backend.score(frames, record.context, record.question)
+        return [Prediction(record.sample_id, record.button, scores.button, scene_context(record),
+                           time.perf_counter() - start, probabilities=scores.probabilities)]
+    items = [(frames, r.context, r.question) for r, frames in batch]
+    if len(items) == 1:
+        texts = [backend.generate(*items[0], max_new_tokens=max_new_tokens)]
+    else:
+        texts = backend.generate_batch(items, max_new_tokens=max_new_tokens)
+    latency = (time.perf_counter() - start) / len(items)
+    out = []
+    for (record, _), text in zip(batch, texts):
+        parsed, error = parse_generated(text)
+        out.append(Prediction(record.sample_id, record.button, parsed["button"] if parsed else INVALID,
+                              scene_context(record), latency, raw_output=text, error=error))
+    return out
 
 
 # --------------------------------------------------------------------------- metrics
@@ -403,7 +427,8 @@ def evaluate(cfg: EvalConfig, backend: Backend | None = None, *, progress: bool 
         backend = load_backend(cfg.model_name, cfg.adapter_path, backend=cfg.backend, frame_layout=cfg.frame_layout,
                                blank_frames=cfg.blank_frames, max_seq_length=cfg.max_seq_length,
                                precision=cfg.precision, token=token)
-    predictions, skipped = predict(backend, records, cfg.mode, max_new_tokens=cfg.max_new_tokens, progress=progress)
+    predictions, skipped = predict(backend, records, cfg.mode, max_new_tokens=cfg.max_new_tokens,
+                                   batch_size=cfg.batch_size, progress=progress)
     if not predictions:
         raise EvalError(f"{cfg.dataset_path}: no sample could be evaluated ({len(skipped)} skipped: "
                         f"{skipped[0]['reason'] if skipped else 'empty'})")
@@ -411,7 +436,10 @@ def evaluate(cfg: EvalConfig, backend: Backend | None = None, *, progress: bool 
         "model_name": cfg.model_name, "adapter_path": cfg.adapter_path, "model_kind": getattr(backend, "kind", "?"),
         "backend": "mlx" if getattr(backend, "kind", "") == "mlx" else "torch",
         "dataset_path": str(cfg.dataset_path), "train_dataset_path": cfg.train_dataset_path,
+        "resolved_base_model": getattr(backend, "base_model", None),
+        "resolved_adapter_path": getattr(backend, "adapter_path", None),
         "blank_frames": cfg.blank_frames, "frame_layout": cfg.frame_layout, "limit": cfg.limit,
+        "batch_size": cfg.batch_size,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **cfg.extra,
     }
     report = build_report(predictions, records, mode=cfg.mode, train_records=train, info=info, skipped=skipped)

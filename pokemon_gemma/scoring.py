@@ -131,6 +131,27 @@ class ButtonScorer:
                                   pad_token_id=self.tokenizer.pad_token_id)
         return self.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
+    @torch.no_grad()
+    def generate_batch(self, items: list[tuple[list[Image.Image], str, str]], max_new_tokens: int = 96) -> list[str]:
+        """Greedy answers for several (frames, context, question) at once (prompts padded on the left)."""
+        texts = [self.collator.prompt_text(context, question) for _, context, question in items]
+        images = [self.collator.images_for([], frames) for frames, _, _ in items]
+        side = self.tokenizer.padding_side
+        self.tokenizer.padding_side = "left"  # generation appends on the right
+        try:
+            enc = self.processor(text=texts, images=images, return_tensors="pt", padding=True,
+                                 add_special_tokens=False)
+        finally:
+            self.tokenizer.padding_side = side
+        enc = {k: v.to(self.device) for k, v in enc.items()}
+        enc["pixel_values"] = enc["pixel_values"].to(self.dtype)
+        eot = self.collator.end_of_turn_id
+        out = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                  eos_token_id=[self.tokenizer.eos_token_id, eot],
+                                  pad_token_id=self.tokenizer.pad_token_id)
+        width = enc["input_ids"].shape[1]
+        return [self.tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+
 
 def parse_generated(text: str) -> tuple[dict | None, str | None]:
     """(parsed answer, None) or (None, 'invalid_json' | 'invalid_button')."""

@@ -36,7 +36,7 @@ def write_dataset(folder: Path, samples=SAMPLES, name: str = "test.jsonl") -> Pa
             img.paste((k * 60, 40, 200 - k * 40), (20 * k, 10, 20 * k + 30, 40))
             img.save(folder / f"s{i}_{k}.png")
             frames.append(f"s{i}_{k}.png")
-        rows.append({"frames": frames, "context": f"The player should press {button} now.", "question": QUESTION,
+        rows.append({"frames": frames, "context": f"The player should press {button} now." + " Stay calm." * (i % 3), "question": QUESTION,
                      "output": make_output(button), "metadata": {"session_id": "t", "turns": [i + 1], **md}})
     path = folder / name
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -138,12 +138,16 @@ def test_score_and_generate_agree_on_a_confident_model(confident_model_dir, data
     scored = run_eval(confident_model_dir, dataset, tmp_path / "score", limit=3)
     generated = run_eval(confident_model_dir, dataset, tmp_path / "gen", limit=3, mode="generate",
                          max_new_tokens=48)
+    batched = run_eval(confident_model_dir, dataset, tmp_path / "gen2", limit=3, mode="generate",
+                       max_new_tokens=48, batch_size=2)  # a full batch and a partial one, padded on the left
     read = lambda d: [json.loads(x) for x in (tmp_path / d / "predictions.jsonl").read_text().splitlines()]  # noqa: E731
     assert [r["predicted"] for r in read("score")] == [r["predicted"] for r in read("gen")] == ["up", "down", "left"]
     assert scored["accuracy"] == generated["accuracy"] == 1.0
     assert generated["json_valid_rate"] == 1.0 and generated["invalid_json"] == generated["invalid_button"] == 0
     assert min(scored["mean_probability"][b] for b in ("up", "down", "left")) > 0.25
     assert json.loads(read("gen")[0]["raw_output"])["button"] == "up"
+    assert [r["raw_output"] for r in read("gen2")] == [r["raw_output"] for r in read("gen")]
+    assert batched["json_valid_rate"] == 1.0 and batched["batch_size"] == 2
 
 
 def test_output_that_is_not_json_counts_as_invalid(tiny_model_dir, dataset, tmp_path):
@@ -178,16 +182,23 @@ def test_baselines_on_a_crafted_set():
     assert ev.majority_button(["b", "a", "a", "b"]) == "a"  # ties break in BUTTONS order
 
 
-def test_adapter_folder_loads_its_base(tiny_model_dir, dataset, tmp_path):
+def test_adapter_folder_and_merged_folder(tiny_model_dir, dataset, tmp_path):
+    from pokemon_gemma.export import merge_lora
     from pokemon_gemma.modeling import apply_lora, load_model
 
     peft_model = apply_lora(load_model(str(tiny_model_dir)), r=4, alpha=8)  # B = 0: same outputs as the base
     peft_model.save_pretrained(tmp_path / "adapter")
+    merge_lora(str(tiny_model_dir), tmp_path / "adapter", tmp_path / "merged", dtype="fp32", verify=False)
     base = run_eval(tiny_model_dir, dataset, tmp_path / "base", limit=3)
-    adapted = run_eval(tmp_path / "adapter", dataset, tmp_path / "adapted", limit=3)
-    assert adapted["model_kind"] == "adapter" and base["model_kind"] == "base"
+    adapted = run_eval(tmp_path / "adapter", dataset, tmp_path / "adapted", limit=3)  # base read from the adapter
+    merged = run_eval(tmp_path / "merged", dataset, tmp_path / "merged_eval", limit=3)
+    assert (base["model_kind"], adapted["model_kind"], merged["model_kind"]) == ("base", "adapter", "merged")
+    assert adapted["model_name"] == str(tmp_path / "adapter")
+    assert (adapted["resolved_base_model"], adapted["resolved_adapter_path"]) == (str(tiny_model_dir),
+                                                                               str(tmp_path / "adapter"))
     for b in BUTTONS:
         assert adapted["mean_probability"][b] == pytest.approx(base["mean_probability"][b], abs=1e-5)
+        assert merged["mean_probability"][b] == pytest.approx(base["mean_probability"][b], abs=1e-5)
 
 
 def cli(*args, timeout=180):
