@@ -50,12 +50,12 @@ def server(tiny_model_dir, tmp_path_factory):
         yield srv
 
 
-def assert_valid_prediction(body: dict) -> None:
+def assert_valid_prediction(body: dict, version_prefix: str = "tiny_gemma3") -> None:
     probs = body["probabilities"]
     assert sorted(probs) == sorted(BUTTONS)
     assert math.isclose(sum(probs.values()), 1.0, abs_tol=1e-6)
     assert body["button"] == max(probs, key=probs.get) and body["output"] == {"button": body["button"]}
-    assert body["model_version"].startswith("tiny_gemma3") and body["latency_ms"] > 0
+    assert body["model_version"].startswith(version_prefix) and body["latency_ms"] > 0
 
 
 def test_predict_score_and_generate(server):
@@ -318,3 +318,28 @@ def test_server_cli_errors(tmp_path):
     mon = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "health_monitor.py"), "--server_url",
                           "127.0.0.1:8000"], capture_output=True, text=True, timeout=60)
     assert mon.returncode == 2 and "must start with http://" in mon.stderr
+
+
+def test_mlx_backend_server(tiny_model_dir, tmp_path):
+    """scripts/mlx_inference_server.py with MODEL_PATH from the environment, on an MLX export of the tiny model."""
+    import os
+
+    pytest.importorskip("mlx_vlm")
+    from pokemon_gemma.export import export_mlx
+    from pokemon_gemma.serve.launch import REPO_ROOT as ROOT
+
+    mlx_dir = tmp_path / "mlx"
+    export_mlx(tiny_model_dir, mlx_dir, quantization_bits=None, verify=False)
+    env = {**os.environ, "MODEL_PATH": str(mlx_dir)}
+    with ServerProcess([], log_path=tmp_path / "mlx.log", env=env, cwd=tmp_path,
+                       script=ROOT / "scripts" / "mlx_inference_server.py") as srv, client(srv.url) as c:
+        assert c.get("/ready").json()["backend"] == "mlx"
+        stream = [c.post("/v1/predict", json=predict_payload(FRAMES[i:i + 4], session_id="m")).json() for i in range(3)]
+        for body in stream:
+            assert_valid_prediction(body, version_prefix="mlx-")
+        assert [r["cache"]["hits"] for r in stream] == [0, 3, 3]
+        fresh = c.post("/v1/predict", json=predict_payload(FRAMES[2:6])).json()
+        assert all(math.isclose(stream[2]["probabilities"][b], fresh["probabilities"][b], abs_tol=1e-5) for b in BUTTONS)
+        r = c.post("/v1/predict", json={"frames": FRAMES[:4], "mode": "beam"})
+        assert r.status_code == 422 and c.get("/health").status_code == 200
+    assert "Traceback" not in srv.log()

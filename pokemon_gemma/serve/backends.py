@@ -140,5 +140,11 @@ def create_backend(kind: str, model_path: str, adapter_path: str | None = None, 
             raise BackendError("--adapter_path is not supported with --backend mlx (export a merged MLX folder)")
         if not Path(model_path).is_dir():
             raise BackendError(f"{model_path}: MLX model folder not found (export one with the MLX export stage)")
-        return MlxBackend(model_path, max_seq_length=max_seq_length, frame_layout=frame_layout, version=version)
+        try:
+            return MlxBackend(model_path, max_seq_length=max_seq_length, frame_layout=frame_layout, version=version)
+        except (OSError, ValueError, RuntimeError) as exc:
+            if isinstance(exc, BackendError):
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise BackendError(f"cannot load MLX export {model_path}: {first}") from None
     raise BackendError(f"unknown backend {kind!r} (use one of: {', '.join(BACKENDS)})")

@@ -27,7 +27,7 @@ class ServerProcess:
     """`with ServerProcess(["--model_path", m]) as srv: httpx.get(srv.url + "/health")`."""
 
     def __init__(self, args: list[str], *, log_path: str | Path, env: dict[str, str] | None = None,
-                 cwd: str | Path | None = None, ready_timeout_s: float = 120.0):
+                 cwd: str | Path | None = None, ready_timeout_s: float = 120.0, script: str | Path = SERVER_SCRIPT):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
@@ -35,7 +35,7 @@ class ServerProcess:
                      "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", **(env or {})}
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, str(SERVER_SCRIPT), *args, "--host", "127.0.0.1", "--port", str(self.port)],
+            [sys.executable, str(script), *args, "--host", "127.0.0.1", "--port", str(self.port)],
             stdout=self._log, stderr=subprocess.STDOUT, env=child_env, cwd=cwd or REPO_ROOT)
         self.ready_timeout_s = ready_timeout_s
 

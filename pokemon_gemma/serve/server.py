@@ -62,16 +62,31 @@ def main(argv=None, default_backend: str = "torch", description: str = __doc__) 
     if not _is_loopback(settings.host) and not api_key:
         log.warning("binding %s without --api_key_env: anyone who can reach this port can use the model",
                     settings.host)
+    from ..evaluate import is_mlx_export, run_frame_layout
+
+    model_path, adapter_path = settings.model_path, args.adapter_path
+    if args.backend == "torch" and is_mlx_export(model_path):
+        print(f"error: {model_path} is an MLX export (use --backend mlx, or scripts/mlx_inference_server.py)",
+              file=sys.stderr)
+        return 2
+    # The frame layout the model was trained with, when its run/merge/export manifest records it.
+    layout = run_frame_layout(model_path, adapter_path) or settings.frame_layout
+    if layout != settings.frame_layout:
+        log.info("frame layout %r from the model's manifest (FRAME_LAYOUT says %r)", layout, settings.frame_layout)
+
     # Heavy imports (torch, transformers, fastapi) only once the flags are known to be good.
-    from ..modeling import ModelLoadError
+    from ..modeling import ModelLoadError, adapter_base_model, is_adapter_dir
     from .app import ServerConfig, create_app
 
-    log.info("loading %s (%s backend)%s", settings.model_path, args.backend,
-             f" + adapter {args.adapter_path}" if args.adapter_path else "")
+    if args.backend == "torch" and not adapter_path and is_adapter_dir(model_path):
+        adapter_path, model_path = model_path, adapter_base_model(model_path)
+        log.info("%s is a LoRA adapter; loading its base model %s", adapter_path, model_path)
+    log.info("loading %s (%s backend)%s", model_path, args.backend,
+             f" + adapter {adapter_path}" if adapter_path else "")
     try:
-        backend = create_backend(args.backend, settings.model_path, args.adapter_path,
+        backend = create_backend(args.backend, model_path, adapter_path,
                                  precision=settings.mixed_precision, max_seq_length=settings.max_seq_length,
-                                 frame_layout=settings.frame_layout, version=args.model_version)
+                                 frame_layout=layout, version=args.model_version)
     except (ModelLoadError, BackendError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
