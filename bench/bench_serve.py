@@ -21,7 +21,6 @@ Bounded: a fixed number of requests per phase, every call with a timeout; loopba
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile

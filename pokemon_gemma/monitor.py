@@ -103,6 +103,17 @@ class HealthMonitor:
     def close(self) -> None:
         self.client.close()
 
+    def wait_ready(self, timeout_s: float, poll_s: float = 0.5) -> bool:
+        """Poll /ready until it answers 200 or `timeout_s` passes (a server that is still loading)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            response, _, err = self._call("GET", "/ready")
+            if err is None and response.status_code == 200:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(poll_s)
+
     def _call(self, method: str, path: str, **kwargs) -> tuple[httpx.Response | None, float, str | None]:
         start = time.perf_counter()
         try:
@@ -198,8 +209,11 @@ def status_line(row: dict) -> str:
 
 
 def run_monitor(monitor: HealthMonitor, *, interval_s: float = 10.0, max_checks: int | None = None,
-                output: str | Path | None = None, stream=sys.stdout) -> int:
-    """Check every `interval_s` until `max_checks` (forever if None); 0 if the last check was healthy, else 1."""
+                output: str | Path | None = None, wait_ready_s: float = 0.0, stream=sys.stdout) -> int:
+    """Check every `interval_s` until `max_checks` (forever if None); 0 if the last check was healthy, else 1.
+    `wait_ready_s` > 0 first waits that long for /ready (the checks then run whatever the outcome)."""
+    if wait_ready_s > 0 and not monitor.wait_ready(wait_ready_s):
+        print(f"server not ready after {wait_ready_s:.0f} s", file=stream, flush=True)
     out = None
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,8 @@ def main(argv=None) -> int:
     parser.add_argument("--alert_webhook", default=None, help="URL that gets a JSON POST when the status changes")
     parser.add_argument("--api_key_env", default=None, metavar="VAR",
                         help="environment (or .env) variable holding the server's API key")
+    parser.add_argument("--wait_ready", type=float, default=0.0, metavar="SECONDS",
+                        help="first wait up to this long for /ready (a server that is still loading the model)")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds before one HTTP call counts as failed")
     args = parser.parse_args(argv)
     if not args.server_url.startswith(("http://", "https://")):
@@ -41,7 +43,8 @@ def main(argv=None) -> int:
         return 2
     monitor = HealthMonitor(args.server_url, Thresholds(args.latency_threshold_ms, args.error_rate_threshold),
                             frames, read_api_key(args.api_key_env), args.timeout, args.alert_webhook)
-    return run_monitor(monitor, interval_s=args.interval, max_checks=args.max_checks, output=args.output or None)
+    return run_monitor(monitor, interval_s=args.interval, max_checks=args.max_checks, output=args.output or None,
+                       wait_ready_s=args.wait_ready)
 
 
 if __name__ == "__main__":

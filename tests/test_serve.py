@@ -231,8 +231,18 @@ def test_auth_monitor_graceful_shutdown_then_down(tiny_model_dir, tmp_path):
 
     env = {**os.environ, "SERVE_TEST_KEY": API_KEY}
     srv = ServerProcess(["--model_path", str(tiny_model_dir), "--api_key_env", "SERVE_TEST_KEY"],
-                        log_path=tmp_path / "server.log", env=env, cwd=tmp_path).wait_ready()
+                        log_path=tmp_path / "server.log", env=env, cwd=tmp_path)
     try:
+        # started while the server is still loading: --wait_ready holds the checks until /ready says 200
+        out = tmp_path / "status.jsonl"
+        done = run_monitor_cli(srv.url, out, "--max_checks", "2", "--api_key_env", "SERVE_TEST_KEY",
+                               "--wait_ready", "120", env=env)
+        assert done.returncode == 0, done.stdout + done.stderr
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [r["status"] for r in rows] == ["healthy", "healthy"] and "HEALTHY" in done.stdout
+        assert all(r["predict"]["ok"] and r["predict"]["button"] in BUTTONS for r in rows)
+        assert rows[1]["metrics"] == {**rows[1]["metrics"], "requests": 1, "error_rate": 0}  # the first probe
+
         payload = predict_payload(FRAMES[:4])
         with client(srv.url) as anon, client(srv.url, "sk-wrong-key") as wrong, client(srv.url, API_KEY) as good:
             r = anon.post("/v1/predict", json=payload)
@@ -244,19 +254,9 @@ def test_auth_monitor_graceful_shutdown_then_down(tiny_model_dir, tmp_path):
             assert good.post("/v1/predict", json=payload).status_code == 200
             assert good.get("/metrics").status_code == 200
 
-        # the monitor needs the key for /metrics and the probe; with it the server is healthy
-        out = tmp_path / "status.jsonl"
-        no_key = run_monitor_cli(srv.url, out, "--max_checks", "1", env=env)
-        assert no_key.returncode == 1 and "401" in no_key.stdout
-        out.unlink()
-        done = run_monitor_cli(srv.url, out, "--max_checks", "2", "--api_key_env", "SERVE_TEST_KEY", env=env)
-        assert done.returncode == 0, done.stdout + done.stderr
-        rows = [json.loads(line) for line in out.read_text().splitlines()]
-        assert [r["status"] for r in rows] == ["healthy", "healthy"]
-        assert rows[1]["predict"]["ok"] and rows[1]["predict"]["button"] in BUTTONS
-        assert rows[0]["metrics"]["error_rate"] == 0 and rows[0]["metrics"]["client_error_rate"] > 0  # the 401s
-        assert rows[1]["metrics"]["requests"] == 1  # the first check's probe
-        assert "HEALTHY" in done.stdout
+        # without the key the monitor cannot read /metrics or probe: unhealthy, and it says why
+        no_key = run_monitor_cli(srv.url, tmp_path / "nokey.jsonl", "--max_checks", "1", env=env)
+        assert no_key.returncode == 1 and "/metrics 401" in no_key.stdout and "HTTP 401" in no_key.stdout
         # an impossible latency threshold makes the same server "slow"
         slow = run_monitor_cli(srv.url, tmp_path / "slow.jsonl", "--max_checks", "1", "--api_key_env",
                                "SERVE_TEST_KEY", "--latency_threshold_ms", "0.001", env=env)

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .backends import Backend, probabilities
+from .backends import Backend
 from .frame_cache import FrameCache
 from .metrics import ServerMetrics
 from .validation import BadRequest, InferenceRequest
@@ -173,4 +173,4 @@ class InferenceWorker:
         job.loop.call_soon_threadsafe(settle)
 
 
-__all__ = ["InferenceWorker", "Result", "probabilities"]
+__all__ = ["InferenceWorker", "Result"]
