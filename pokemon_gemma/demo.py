@@ -171,7 +171,8 @@ def apply_button(scene: Scene, button: str, rng: random.Random, question_rate: f
             scene.player = (x, y)
     elif button == "a" and scene.player in stand_tiles(scene) and \
             scene.facing == direction_to(scene.player, scene.goal):
-        scene.pages = ["text"] * rng.randint(1, 2) + (["question"] if rng.random() < question_rate else [])
+        pages = 1 if rng.random() < 0.7 else 2  # mostly one page: long runs of `a` help repeat-last
+        scene.pages = ["text"] * pages + (["question"] if rng.random() < question_rate else [])
         scene.goal_dialogue = True
         scene.text_seed = rng.randrange(1 << 16)
 
@@ -423,7 +424,7 @@ def explain(scene: Scene, button: str) -> tuple[str, str, str]:
 
 
 def generate_session(seed: int, index: int, min_turns: int = 8, max_turns: int = 16,
-                     dialogue_rate: float = 0.05, question_rate: float = 0.6) -> DemoSession:
+                     dialogue_rate: float = 0.08, question_rate: float = 0.7) -> DemoSession:
     """One session: a world, goals one after another, `min_turns..max_turns` expert turns."""
     if not 4 <= min_turns <= max_turns:
         raise ValueError(f"need 4 <= min_turns <= max_turns, got {min_turns}..{max_turns}")
@@ -529,7 +530,7 @@ class DemoOutputError(ValueError):
 
 
 def write_demo_sessions(output_dir: str | Path, sessions: int, seed: int = 0, min_turns: int = 8,
-                        max_turns: int = 16, dialogue_rate: float = 0.05, question_rate: float = 0.6,
+                        max_turns: int = 16, dialogue_rate: float = 0.08, question_rate: float = 0.7,
                         overwrite: bool = False, progress: Callable | None = None) -> dict:
     """Write `sessions` demo sessions to `output_dir/runs/` and a manifest; return the summary.
 

@@ -25,10 +25,10 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="generation seed; same seed + flags = same bytes (default 0)")
     parser.add_argument("--min_turns", type=int, default=8, help="fewest turns per session, >= 4 (default 8)")
     parser.add_argument("--max_turns", type=int, default=16, help="most turns per session (default 16)")
-    parser.add_argument("--dialogue_rate", type=float, default=0.05,
-                        help="chance per free turn that an unrelated message box interrupts the walk (default 0.05)")
-    parser.add_argument("--question_rate", type=float, default=0.6,
-                        help="chance that a goal's dialogue ends with a YES/NO question answered with b (default 0.6)")
+    parser.add_argument("--dialogue_rate", type=float, default=0.08,
+                        help="chance per free turn that an unrelated message box interrupts the walk (default 0.08)")
+    parser.add_argument("--question_rate", type=float, default=0.7,
+                        help="chance that a goal's dialogue ends with a YES/NO question answered with b (default 0.7)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the sessions of an earlier run of this script in OUTPUT_DIR (nothing else is removed)")
     args = parser.parse_args(argv)
