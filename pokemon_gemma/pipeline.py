@@ -20,7 +20,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -63,6 +63,7 @@ class PipelineConfig:
     merge_dtype: str = "bf16"
     mlx_bits: str = "4"                # 4, 8 or none (passed to convert_to_mlx.py --quantization_bits)
     mlx_verify_samples: int | None = None
+    wandb: bool = False                # register also logs a W&B model artifact
     skip_stages: tuple[str, ...] = ()
     stage_timeout_s: float = 3600.0
     ready_timeout_s: float = 300.0
@@ -185,6 +186,8 @@ def _register_flags(ctx: Ctx) -> list[str]:
              "--on_duplicate", "reuse", "--json", "--tags", *tags]
     if ctx.is_adapter:
         flags += ["--base_model", _base_model(ctx)]
+    if ctx.cfg.wandb:
+        flags.append("--wandb")
     return flags
 
 

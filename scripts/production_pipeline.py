@@ -51,6 +51,8 @@ def main(argv=None) -> int:
                    help="MLX export quantisation (convert_to_mlx.py --quantization_bits; default 4)")
     p.add_argument("--mlx_verify_samples", type=int, default=None,
                    help="samples of --eval_dataset the MLX export is verified on (default: the converter's 32)")
+    p.add_argument("--wandb", action="store_true",
+                   help="register also logs the version as a W&B model artifact (WANDB_MODE=offline works)")
     p.add_argument("--monitor_checks", type=int, default=3, help="health checks that must pass before promotion")
     p.add_argument("--skip_stages", default="",
                    help=f"comma-separated stages to skip, e.g. export_mlx,evaluate_export (stages: {', '.join(STAGE_NAMES)})")
@@ -64,7 +66,7 @@ def main(argv=None) -> int:
         base_model=args.base_model, min_accuracy=args.min_accuracy, serve=args.serve, keep_serving=args.keep_serving,
         port=args.port, host=args.host, registry_db=args.registry_db, eval_limit=args.eval_limit,
         monitor_checks=args.monitor_checks, merge_dtype=args.merge_dtype, mlx_bits=args.mlx_bits,
-        mlx_verify_samples=args.mlx_verify_samples, stage_timeout_s=args.stage_timeout,
+        mlx_verify_samples=args.mlx_verify_samples, wandb=args.wandb, stage_timeout_s=args.stage_timeout,
         skip_stages=tuple(x.strip() for x in args.skip_stages.split(",") if x.strip()),
     )
     report = Path(args.output_dir).resolve() / REPORT_FILE
