@@ -45,8 +45,8 @@ def client(url: str, key: str | None = None) -> httpx.Client:
 def server(tiny_model_dir, tmp_path_factory):
     # cwd is an empty folder: a developer's .env must not change the server under test.
     cwd = tmp_path_factory.mktemp("server")
-    with ServerProcess(["--model_path", str(tiny_model_dir), "--max_body_mb", "1"], log_path=cwd / "server.log",
-                       cwd=cwd) as srv:
+    with ServerProcess(["--model_path", str(tiny_model_dir), "--max_body_mb", "1", "--max_queue", "4"],
+                       log_path=cwd / "server.log", cwd=cwd) as srv:
         yield srv
 
 
@@ -193,19 +193,25 @@ def test_session_stream_reuses_frame_features(server):
     assert encoded == 8 + 20
 
 
-def test_requests_run_off_the_event_loop(server):
-    """8 concurrent generations: all succeed, and /health answers quickly while they run."""
-    payload = {**predict_payload(FRAMES[:4], mode="generate"), "max_new_tokens": 32}
-    with client(server.url) as c, ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(lambda: client(server.url).post("/v1/predict", json=payload)) for _ in range(8)]
+def test_requests_run_off_the_event_loop_with_a_bounded_queue(server):
+    """12 concurrent generations against --max_queue 4: /health answers quickly while they run, the
+    queued ones succeed, the rest get 503 + Retry-After instead of piling up."""
+    payload = {**predict_payload(FRAMES[:4], mode="generate"), "max_new_tokens": 64}
+    with client(server.url) as c, ThreadPoolExecutor(12) as pool:
+        futures = [pool.submit(lambda: client(server.url).post("/v1/predict", json=payload)) for _ in range(12)]
         time.sleep(0.3)
         start = time.perf_counter()
         assert c.get("/health").status_code == 200
         health_s = time.perf_counter() - start
         busy = sum(not f.done() for f in futures)
-        assert [f.result().status_code for f in futures] == [200] * 8
+        responses = [f.result() for f in futures]
+        assert c.get("/models").status_code == 404 and c.get("/v1/models").json()["data"][0]["id"].startswith("tiny")
+    codes = [r.status_code for r in responses]
     assert busy > 0, "the generations finished before /health was probed; the check proved nothing"
     assert health_s < 1.0
+    assert set(codes) == {200, 503} and codes.count(200) >= 4, codes
+    rejected = next(r for r in responses if r.status_code == 503)
+    assert "server busy" in rejected.json()["error"]["message"] and rejected.headers["retry-after"] == "1"
 
 
 class _Webhook(BaseHTTPRequestHandler):

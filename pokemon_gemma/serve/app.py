@@ -24,13 +24,13 @@ from ..scoring import parse_generated
 from .backends import Backend, probabilities
 from .frame_cache import FrameCache
 from .metrics import ServerMetrics
-from .validation import BadRequest, Frame, InferenceRequest, parse_chat, parse_json, parse_predict
+from .validation import RequestError, Frame, InferenceRequest, parse_chat, parse_json, parse_predict
 from .worker import InferenceWorker, Result
 
 log = logging.getLogger(__name__)
 
-PROTECTED = ("/v1/predict", "/v1/chat/completions", "/metrics")
-ENDPOINTS = ("/v1/predict", "/v1/chat/completions", "/health", "/ready", "/metrics")
+PROTECTED = ("/v1/predict", "/v1/chat/completions", "/v1/models", "/metrics")
+ENDPOINTS = ("/v1/predict", "/v1/chat/completions", "/v1/models", "/health", "/ready", "/metrics")
 
 
 @dataclass
@@ -40,6 +40,8 @@ class ServerConfig:
     frame_cache_size: int = 128
     max_batch: int = 8
     batch_wait_ms: float = 2.0
+    max_queue: int = 64  # model requests waiting or running; more get 503 (back-pressure, bounded memory)
+    request_timeout_s: float = 600.0  # a model call that takes longer answers 504
     warmup: bool = True
 
 
@@ -87,7 +89,7 @@ def create_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
     metrics = ServerMetrics(backend.name, backend.model_version)
     cache = FrameCache(config.frame_cache_size if backend.supports_features else 0)
     worker = InferenceWorker(backend, metrics, cache, config.max_batch, config.batch_wait_ms / 1000)
-    state = {"ready": False}
+    state = {"ready": False, "pending": 0}
 
     async def warm_up():
         blank = Image.new("RGB", (64, 64))
@@ -119,9 +121,9 @@ def create_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
                   openapi_url=None)
     app.state.metrics, app.state.cache, app.state.backend = metrics, cache, backend
 
-    @app.exception_handler(BadRequest)
-    async def bad_request(request: Request, exc: BadRequest):
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    @app.exception_handler(RequestError)
+    async def bad_request(request: Request, exc: RequestError):
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {"Retry-After": "1"} if exc.status == 503 else None
         return error_response(exc.status, exc.message, headers)
 
     @app.exception_handler(StarletteHTTPException)
@@ -148,20 +150,31 @@ def create_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
         declared = request.headers.get("content-length")
         if declared is not None:
             if not declared.isdigit():
-                raise BadRequest(400, "invalid Content-Length header")
+                raise RequestError(400, "invalid Content-Length header")
             if int(declared) > config.max_body_bytes:
-                raise BadRequest(413, f"body of {int(declared)} bytes exceeds the {config.max_body_bytes}-byte limit")
+                raise RequestError(413, f"body of {int(declared)} bytes exceeds the {config.max_body_bytes}-byte limit")
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
             if len(body) > config.max_body_bytes:
-                raise BadRequest(413, f"body exceeds the {config.max_body_bytes}-byte limit")
+                raise RequestError(413, f"body exceeds the {config.max_body_bytes}-byte limit")
         return parse_json(bytes(body))
 
     async def infer(req: InferenceRequest) -> Result:
         if not state["ready"]:
-            raise BadRequest(503, "model is not ready yet (poll /ready)")
-        return await worker.submit(req)
+            raise RequestError(503, "model is not ready yet (poll /ready)")
+        if state["pending"] >= config.max_queue:
+            raise RequestError(503, f"server busy: {state['pending']} requests queued (retry shortly)")
+        state["pending"] += 1
+        metrics.queue.set(state["pending"])
+        try:
+            # shield: a timed-out request's job still runs to completion on the worker
+            return await asyncio.wait_for(asyncio.shield(worker.submit(req)), config.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise RequestError(504, f"model call took longer than {config.request_timeout_s:.0f} s") from None
+        finally:
+            state["pending"] -= 1
+            metrics.queue.set(state["pending"])
 
     @app.post("/v1/predict")
     async def predict(request: Request):
@@ -204,6 +217,11 @@ def create_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
             "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
             **extra, "latency_ms": round((time.perf_counter() - start) * 1000, 3),
         }
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": backend.model_version, "object": "model", "created": 0,
+                                            "owned_by": "pokemon-gemma"}]}
 
     @app.get("/health")
     async def health():

@@ -25,6 +25,7 @@ class ServerMetrics:
         self.batch_size = Histogram("pokemon_batch_size", "Requests per worker batch",
                                     buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32), registry=r)
         self.inflight = Gauge("pokemon_inflight_requests", "Requests being served", registry=r)
+        self.queue = Gauge("pokemon_queue_depth", "Model requests waiting or running", registry=r)
         self.ready = Gauge("pokemon_ready", "1 once the model is loaded and warmed up", registry=r)
         self.model_info = Gauge("pokemon_model_info", "The served model (value is always 1)",
                                 ["model_version", "backend"], registry=r)

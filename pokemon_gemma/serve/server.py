@@ -32,6 +32,10 @@ def build_parser(settings, default_backend: str, description: str) -> argparse.A
     parser.add_argument("--max_batch", type=int, default=8, help="most requests the model worker takes at once")
     parser.add_argument("--batch_wait_ms", type=float, default=2.0,
                         help="how long the worker waits for more requests to join a batch")
+    parser.add_argument("--max_queue", type=int, default=64,
+                        help="model requests allowed to wait or run at once; more get 503 + Retry-After")
+    parser.add_argument("--request_timeout_s", type=float, default=600.0,
+                        help="a model call slower than this answers 504")
     parser.add_argument("--model_version", default=None,
                         help="version string reported by the API and /metrics (default: folder name + config hash)")
     parser.add_argument("--no_warmup", action="store_true", help="report ready without a warm-up prediction")
@@ -56,8 +60,10 @@ def main(argv=None, default_backend: str = "torch", description: str = __doc__) 
     if api_key:
         for handler in logging.getLogger().handlers:
             handler.addFilter(SecretFilter([api_key]))
-    if args.max_body_mb <= 0 or args.max_batch < 1 or args.frame_cache_size < 0:
-        print("error: --max_body_mb must be > 0, --max_batch >= 1, --frame_cache_size >= 0", file=sys.stderr)
+    if (args.max_body_mb <= 0 or args.max_batch < 1 or args.frame_cache_size < 0 or args.max_queue < 1
+            or args.request_timeout_s <= 0):
+        print("error: --max_body_mb and --request_timeout_s must be > 0, --max_batch and --max_queue >= 1, "
+              "--frame_cache_size >= 0", file=sys.stderr)
         return 2
     if not _is_loopback(settings.host) and not api_key:
         log.warning("binding %s without --api_key_env: anyone who can reach this port can use the model",
@@ -92,7 +98,8 @@ def main(argv=None, default_backend: str = "torch", description: str = __doc__) 
         return 1
     config = ServerConfig(api_key=api_key, max_body_bytes=int(args.max_body_mb * 1024 * 1024),
                           frame_cache_size=args.frame_cache_size, max_batch=args.max_batch,
-                          batch_wait_ms=args.batch_wait_ms, warmup=not args.no_warmup)
+                          batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
+                          request_timeout_s=args.request_timeout_s, warmup=not args.no_warmup)
     app = create_app(backend, config)
 
     import uvicorn

@@ -14,7 +14,7 @@ from typing import Any
 from .backends import Backend
 from .frame_cache import FrameCache
 from .metrics import ServerMetrics
-from .validation import BadRequest, InferenceRequest
+from .validation import RequestError, InferenceRequest
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class InferenceWorker:
             try:
                 self._finish(job, self._run_job(job))
             except ValueError as exc:  # e.g. collate.SampleError: prompt too long even without context
-                self._finish(job, BadRequest(422, str(exc)))
+                self._finish(job, RequestError(422, str(exc)))
             except Exception as exc:
                 log.exception("model call failed")
                 self._finish(job, exc)
