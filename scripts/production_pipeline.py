@@ -15,6 +15,7 @@ OUTPUT_DIR/pipeline_report.md shows stages, times and the accuracy table.
 """
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -70,6 +71,8 @@ def main(argv=None) -> int:
         skip_stages=tuple(x.strip() for x in args.skip_stages.split(",") if x.strip()),
     )
     report = Path(args.output_dir).resolve() / REPORT_FILE
+    # SIGTERM unwinds like Ctrl-C: the state records the stage, a server this run started is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         run_pipeline(cfg, restart=args.restart)
     except PipelineError as exc:
