@@ -230,9 +230,11 @@ def probe_in_child(s: Settings, records: list[Record], batch_size: int, n_steps:
         pass
     proc.join()
     if message is None:
-        killed = proc.exitcode is not None and proc.exitcode < 0
-        note = f"probe process {'killed by signal ' + str(-proc.exitcode) if killed else 'exited ' + str(proc.exitcode)}"
-        return ProbeResult(batch_size, fits=False, oom=killed, note=note + (" (likely out of memory)" if killed else ""))
+        if proc.exitcode == -9:  # SIGKILL: the kernel's OOM killer
+            return ProbeResult(batch_size, fits=False, oom=True,
+                               note=f"probe process killed by signal {-proc.exitcode} (likely out of memory)")
+        raise FinderError(f"probe of batch size {batch_size}: the probe process exited with code {proc.exitcode} "
+                          "without a result (see the messages above)")
     kind, payload = message
     if kind == "ok":
         step_time, peak = payload

@@ -1,8 +1,8 @@
 """Batch-size finder: real training-step probes on the tiny model (CPU, one child process per probe)."""
 
+import importlib.util
 import json
-import subprocess
-import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -24,9 +24,26 @@ ENV_TEXT = ("# settings for the run\n"
             "WANDB_PROJECT=pokemon")  # no final newline: appended keys must start on their own line
 
 
-def run_script(*args):
-    return subprocess.run([sys.executable, "scripts/find_batch_size.py", *map(str, args)], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=600)
+def _load_script():
+    spec = importlib.util.spec_from_file_location("find_batch_size", REPO_ROOT / "scripts" / "find_batch_size.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+script = _load_script()
+
+
+@pytest.fixture
+def run_script(capsys):
+    """The CLI in this process (probes still run in their own processes): exit code, stdout, stderr."""
+    def run(*args):
+        if "--env_file" not in args:  # never the checkout's own .env
+            args = (*args, "--env_file", "/nonexistent/.env", "--output", "/nonexistent/bs.json")
+        code = script.main([str(a) for a in args])
+        out = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+    return run
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +67,8 @@ def test_search_doubles_then_bisects_to_the_largest_fit():
     assert probed == [1, 2, 4, 8, 6, 5] and [r.batch_size for r in results if r.fits] == [1, 2, 4, 5]
 
 
-def test_budget_between_two_measured_peaks_picks_the_larger_size_under_it(tiny_model_dir, long_dataset, tmp_path):
+def test_budget_between_two_measured_peaks_picks_the_larger_size_under_it(tiny_model_dir, long_dataset, tmp_path,
+                                                                          run_script):
     s = Settings(model_name=str(tiny_model_dir), dataset_path=str(long_dataset), max_seq_length=4096)
     records = load_records(long_dataset)
     p2 = probe_in_child(s, records, 2, 2)
@@ -92,7 +110,7 @@ def test_update_env_keeps_every_other_byte(tmp_path):
     assert missing.read_text() == "BATCH_SIZE=1\nGRAD_ACCUM=16\n"
 
 
-def test_batch_1_not_fitting_says_what_to_change(tiny_model_dir, tmp_path):
+def test_batch_1_not_fitting_says_what_to_change(tiny_model_dir, tmp_path, run_script):
     data = write_dataset(tmp_path / "d", 2)
     env_file = tmp_path / "x.env"
     env_file.write_text("BATCH_SIZE=5\n")
@@ -110,7 +128,7 @@ def test_batch_1_not_fitting_says_what_to_change(tiny_model_dir, tmp_path):
     assert env_file.read_text() == "BATCH_SIZE=5\n"  # nothing to recommend: .env untouched
 
 
-def test_missing_empty_dataset_and_unloadable_model_are_one_line_errors(tiny_model_dir, tmp_path):
+def test_missing_empty_dataset_and_unloadable_model_are_one_line_errors(tiny_model_dir, tmp_path, run_script):
     proc = run_script("--dataset_path", tmp_path / "nope.jsonl", "--model_name", tiny_model_dir)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'nope.jsonl'}: file not found"
     empty = tmp_path / "empty.jsonl"
