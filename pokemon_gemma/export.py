@@ -148,14 +148,18 @@ def resolve_local_dir(model: str, token: str | None = None) -> Path | None:
         return None
 
 
-def copy_tokenizer_files(source: Path | None, dest: Path) -> list[str]:
-    """Copy the tokenizer/processor files `source` has and `dest` lacks (e.g. `tokenizer.model`)."""
+def copy_tokenizer_files(source: Path | None, dest: Path, replace: bool = False) -> list[str]:
+    """Copy the tokenizer/processor files `source` has and `dest` lacks (e.g. `tokenizer.model`);
+    with `replace`, also those whose bytes differ (the source is the truth)."""
     copied = []
     if source is None:
         return copied
     for name in TOKENIZER_FILES:
-        if (source / name).is_file() and not (dest / name).exists():
-            shutil.copy2(source / name, dest / name)
+        src, dst = source / name, dest / name
+        if not src.is_file():
+            continue
+        if not dst.exists() or (replace and src.read_bytes() != dst.read_bytes()):
+            shutil.copy2(src, dst)
             copied.append(name)
     return copied
 
@@ -691,7 +695,8 @@ def export_mlx(model_path: str | Path, output_path: str | Path, *, quantization_
         for fix in fixes:
             log.info("fix applied: %s", fix["change"])
         convert_s = run_mlx_converter(work, staging, bits=quantization_bits, group_size=group_size, dtype=dtype)
-        copied = copy_tokenizer_files(source, staging)
+        # mlx-vlm re-saves the processor with its own class: keep the merged folder's files byte for byte.
+        copied = copy_tokenizer_files(source, staging, replace=True)
         verification: dict[str, Any] = {"ran": False}
         if verify:
             verification = verify_mlx(source, work, staging, samples, n_logit_samples=n_logit_samples,
@@ -706,7 +711,7 @@ def export_mlx(model_path: str | Path, output_path: str | Path, *, quantization_
             "frame_layout": frame_layout,
             "fixes_applied": fixes,
             "fixes_checked": MLX_FIXES,
-            "tokenizer_files_copied": copied,
+            "tokenizer_files_copied_from_source": copied,
             "converter": "python -m mlx_vlm convert (subprocess, HF_HUB_OFFLINE=1)",
             "known_differences": {
                 "image_attention": "mlx-vlm attends causally inside images; transformers with token_type_ids "

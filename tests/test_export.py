@@ -180,6 +180,9 @@ def test_fp32_export_matches_pytorch(mlx_fp32_dir, merged_dir):
     assert config["hidden_size"] == 64 and config["text_config"]["mm_tokens_per_image"] == 16
     assert config["text_config"]["rope_scaling"] == {"rope_type": "linear", "factor": 8.0}
     assert manifest["quantization"] is None and manifest["dtype"] == "float32"
+    # the converter does not carry tokenizer.model over; the export does
+    assert (mlx_fp32_dir / "tokenizer.model").read_bytes() == (merged_dir / "tokenizer.model").read_bytes()
+    assert "tokenizer.model" in manifest["tokenizer_files_copied_from_source"]
     assert manifest["versions"]["mlx-vlm"] and manifest["versions"]["transformers"]
     v = manifest["verification"]
     assert v["passed"] and v["logits"]["max_abs_diff"] <= 1e-3
