@@ -127,3 +127,65 @@ def plot_training_run(run_dir: str | Path) -> Path:
     if not rows:
         raise PlotError(f"{metrics}: no rows logged yet")
     return training_curves_png(rows, run_dir / "training_curves.png", title=f"Training — {run_dir.name}")
+
+
+def batch_size_png(results: list[dict[str, Any]], path: str | Path, *, limit_gb: float | None = None,
+                   budget_gb: float | None = None, recommended: int | None = None,
+                   title: str = "Batch-size probes") -> Path:
+    """Peak memory (fits green, no fit red) against the limit, and throughput, per micro-batch size."""
+    fig, (ax_mem, ax_tp) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for r in results:
+        peak = r.get("peak_memory_gb")
+        if peak is None:  # OOM: no peak measured; mark it at the top of the axis
+            ax_mem.axvline(r["batch_size"], color="#C44E52", ls=":", lw=1)
+        else:
+            ax_mem.plot(r["batch_size"], peak, "o" if r["fits"] else "x", ms=7,
+                        color="#55A868" if r["fits"] else "#C44E52")
+    for value, label, style in ((limit_gb, "limit", "--"), (budget_gb, "budget", ":")):
+        if value:
+            ax_mem.axhline(value, color="grey", ls=style, lw=1, label=f"{label} {value:.2f} GiB")
+    ax_mem.set_ylabel("peak memory (GiB)")
+    ax_mem.legend(fontsize=8)
+    fits = sorted((r["batch_size"], r["samples_per_s"]) for r in results if r["fits"] and r.get("samples_per_s"))
+    if fits:
+        ax_tp.plot([b for b, _ in fits], [v for _, v in fits], "o-", color="#4C72B0")
+    ax_tp.set_ylabel("samples / s")
+    sizes = sorted(r["batch_size"] for r in results)
+    for ax in (ax_mem, ax_tp):
+        ax.set_xscale("log", base=2)
+        if sizes:
+            ax.set_xticks(sizes, [str(b) for b in sizes])
+            ax.minorticks_off()
+        ax.set_xlabel("micro-batch size")
+        ax.grid(alpha=0.3)
+        if recommended:
+            ax.axvline(recommended, color="#DD8452", lw=1.5, alpha=0.6)
+    fig.suptitle(title + (f" — recommended batch {recommended}" if recommended else ""), fontsize=11)
+    return _save(fig, path)
+
+
+def validation_png(label_distribution: dict[str, dict[str, int]], lengths: list[int], max_seq_length: int,
+                   path: str | Path, title: str = "Dataset validation") -> Path:
+    """Share of each button per split, and the token-length histogram against --max_seq_length."""
+    fig, (ax_lab, ax_len) = plt.subplots(1, 2, figsize=(11, 3.8))
+    splits = list(label_distribution)
+    buttons = list(next(iter(label_distribution.values()), {}))
+    width = 0.8 / max(1, len(splits))
+    for k, split in enumerate(splits):
+        counts = label_distribution[split]
+        total = max(1, sum(counts.values()))
+        ax_lab.bar([i + k * width for i in range(len(buttons))], [counts[b] / total for b in buttons], width,
+                   label=f"{split} (n={sum(counts.values())})")
+    ax_lab.set_xticks([i + width * (len(splits) - 1) / 2 for i in range(len(buttons))], buttons)
+    ax_lab.set_ylabel("share of samples")
+    ax_lab.legend(fontsize=8)
+    ax_lab.set_title("labels", fontsize=10)
+    if lengths:
+        ax_len.hist(lengths, bins=min(40, max(5, len(set(lengths)))), color="#4C72B0")
+    ax_len.axvline(max_seq_length, color="#C44E52", ls="--", label=f"--max_seq_length {max_seq_length}")
+    ax_len.set_xlabel("tokens per sample (incl. image tokens)")
+    ax_len.set_ylabel("samples")
+    ax_len.legend(fontsize=8)
+    ax_len.set_title("token budget", fontsize=10)
+    fig.suptitle(title, fontsize=11)
+    return _save(fig, path)

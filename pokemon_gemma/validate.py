@@ -59,6 +59,7 @@ class Report:
     checks: dict[str, str] = field(default_factory=dict)  # name -> one-line summary
     issues: list[Issue] = field(default_factory=list)
     data: dict = field(default_factory=dict)
+    token_lengths: list[int] = field(default_factory=list)  # for the PNG, not the JSON
 
     def error(self, check, where, message, fix=""):
         self.issues.append(Issue("error", check, where, message, fix))
@@ -275,6 +276,7 @@ def check_tokens(rows: list[Row], bad_frames: set[str], s: Settings, report: Rep
             continue
         shortened += sample.context_shortened
     values = [n for n, _ in lengths]
+    report.token_lengths = values
     stats = {"tokens_per_image": collator.tokens_per_image, "images_per_sample": collator.n_images,
              "image_tokens_per_sample": collator.tokens_per_image * collator.n_images,
              "max": max(values), "p95": percentile(values, 0.95), "mean": sum(values) / len(values),

@@ -37,7 +37,7 @@ def build_parser(settings) -> argparse.ArgumentParser:
                         help="optimizer steps per probe; the first is not timed (default: 3, at least 2)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
                         help="where to probe (default: auto = cuda, else mps, else cpu)")
-    parser.add_argument("--output", default="batch_size_results.json", help="report JSON (default: batch_size_results.json)")
+    parser.add_argument("--output", default="batch_size_results.json", help="report JSON; a PNG of memory and throughput per size goes beside it (default: batch_size_results.json)")
     parser.add_argument("--update_env", action="store_true",
                         help="write BATCH_SIZE and GRAD_ACCUM into --env_file, keeping every other line")
     return parser
@@ -73,9 +73,14 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     atomic_write_json(args.output, report)
-    print_report(report)
-    print(f"report written to {args.output}")
+    from pokemon_gemma.plots import batch_size_png
+
     rec = report["recommendation"]
+    png = batch_size_png(report["results"], Path(args.output).with_suffix(".png"), limit_gb=report["limit_gb"],
+                         budget_gb=report["budget_gb"], recommended=rec["batch_size"] if rec else None,
+                         title=f"Batch-size probes on {report['device_name']}")
+    print_report(report)
+    print(f"report written to {args.output} and {png}")
     if rec is None:
         print(f"error: {no_fit_message(report)}", file=sys.stderr)
         return 1

@@ -34,7 +34,7 @@ def build_parser(settings) -> argparse.ArgumentParser:
     parser.add_argument("--encode_samples", type=int, default=8,
                         help="the N longest samples are fully encoded (images too) by the training collator "
                              "(over-long ones always are) (default: 8)")
-    parser.add_argument("--output", default="validation_report.json", help="report JSON (default: validation_report.json)")
+    parser.add_argument("--output", default="validation_report.json", help="report JSON; a PNG of labels and token lengths goes beside it (default: validation_report.json)")
     return parser
 
 
@@ -58,10 +58,14 @@ def main(argv=None) -> int:
     for secret in secrets:  # values only: keys such as "tokens" are not secrets
         text = text.replace(secret, "***")
     atomic_write_text(args.output, text)
+    from pokemon_gemma.plots import validation_png
+
+    png = validation_png(report.data.get("label_distribution", {}), report.token_lengths, s.max_seq_length,
+                         Path(args.output).with_suffix(".png"))
     print_report(report)
     n_err = sum(i.level == "error" for i in report.issues)
     n_warn = len(report.issues) - n_err
-    print(f"{'FAILED' if n_err else 'OK'}: {n_err} error(s), {n_warn} warning(s); report written to {args.output}")
+    print(f"{'FAILED' if n_err else 'OK'}: {n_err} error(s), {n_warn} warning(s); report written to {args.output} and {png}")
     return 1 if n_err else 0
 
 

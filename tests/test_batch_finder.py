@@ -92,6 +92,7 @@ def test_budget_between_two_measured_peaks_picks_the_larger_size_under_it(tiny_m
     peaks = {r["batch_size"]: r["peak_memory_gb"] for r in report["results"]}
     assert peaks[2] <= limit < peaks[3] and peaks[1] < peaks[2] < peaks[3] < peaks[4]
     assert "BATCH_SIZE=2 GRAD_ACCUM=8" in proc.stdout
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
     new = env_file.read_bytes().decode()
     assert new == ENV_TEXT.replace("BATCH_SIZE=1", "BATCH_SIZE=2") + "\nGRAD_ACCUM=8\n"

@@ -63,6 +63,7 @@ def test_good_dataset_passes(tiny_model_dir, tmp_path, capsys, monkeypatch):
     assert sum(report["label_distribution"]["train"].values()) == 12
     assert report["environment"]["hub_token"] == "not set" and not report["environment"]["gated_model"]
     assert "OK: 0 error(s)" in out
+    assert (tmp_path / "report.png").read_bytes()[:4] == b"\x89PNG"
     # --frame_layout grid: one image per sample, a quarter of the image tokens.
     code, _, _, grid = run(capsys, tmp_path, "--dataset_path", train, "--model_name", tiny_model_dir,
                            "--frame_layout", "grid")
