@@ -14,7 +14,7 @@ from pokemon_gemma.serve.client import load_probe_frames, read_api_key  # noqa: 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--server_url", required=True, help="base URL of the server, e.g. http://127.0.0.1:8000")
     parser.add_argument("--interval", type=float, default=10.0, help="seconds between checks")
     parser.add_argument("--max_checks", type=int, default=None, help="stop after N checks (default: run until Ctrl-C)")

@@ -241,8 +241,12 @@ def test_auth_monitor_graceful_shutdown_then_down(tiny_model_dir, tmp_path):
     try:
         # started while the server is still loading: --wait_ready holds the checks until /ready says 200
         out = tmp_path / "status.jsonl"
+        probe = tmp_path / "probe"
+        probe.mkdir()
+        for i in range(4):
+            (probe / f"{i:02d}.png").write_bytes(base64.b64decode(FRAMES[i]))
         done = run_monitor_cli(srv.url, out, "--max_checks", "2", "--api_key_env", "SERVE_TEST_KEY",
-                               "--wait_ready", "120", env=env)
+                               "--wait_ready", "120", "--probe_frames", str(probe), env=env)
         assert done.returncode == 0, done.stdout + done.stderr
         rows = [json.loads(line) for line in out.read_text().splitlines()]
         assert [r["status"] for r in rows] == ["healthy", "healthy"] and "HEALTHY" in done.stdout
@@ -324,6 +328,13 @@ def test_server_cli_errors(tmp_path):
     mon = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "health_monitor.py"), "--server_url",
                           "127.0.0.1:8000"], capture_output=True, text=True, timeout=60)
     assert mon.returncode == 2 and "must start with http://" in mon.stderr
+    (tmp_path / "two").mkdir()
+    for i in range(2):
+        Image.new("RGB", (8, 8)).save(tmp_path / "two" / f"{i}.png")
+    mon = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "health_monitor.py"), "--server_url",
+                          "http://127.0.0.1:9", "--probe_frames", str(tmp_path / "two")],
+                         capture_output=True, text=True, timeout=60)
+    assert mon.returncode == 2 and mon.stderr.strip() == f"error: {tmp_path / 'two'}: 2 PNG/JPEG files, need 4"
 
 
 def test_mlx_backend_server(tiny_model_dir, tmp_path):
