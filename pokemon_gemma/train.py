@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import signal
 import sys
@@ -235,6 +236,8 @@ def train(s: Settings, resume_from: str | None = None) -> Path:
                               and not torch.backends.mps.is_available())
     world, rank = accelerator.num_processes, accelerator.process_index
     output_dir = Path(s.output_dir)
+    if os.environ.get("WANDB_SWEEP_ID") and os.environ.get("WANDB_RUN_ID"):
+        output_dir = output_dir / os.environ["WANDB_RUN_ID"]  # sweep runs share one command line
     set_seed(s.seed)
 
     # --- data
