@@ -25,11 +25,13 @@ from pokemon_gemma.modeling import apply_lora, load_for_inference, load_model, l
 
 
 @pytest.fixture(scope="module")
-def base_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """The tiny model plus a `tokenizer.model` (real Gemma folders have one; merges must keep it),
-    and gemma-3-4b's linear x8 RoPE scaling on the global layers (the MLX export must keep it)."""
-    base = tmp_path_factory.mktemp("export") / "base"
-    shutil.copytree(tiny_model_dir, base)
+def base_dir(tmp_path_factory) -> Path:
+    """A tiny Gemma 3 with hidden size 128 (sqrt(128) is not a bfloat16 number, like gemma-3-4b's
+    sqrt(2560)), a `tokenizer.model` (real Gemma folders have one; merges must keep it), and
+    gemma-3-4b's linear x8 RoPE scaling on the global layers (the MLX export must keep it)."""
+    from pokemon_gemma.tiny import build_tiny_model
+
+    base = build_tiny_model(tmp_path_factory.mktemp("export") / "base", seed=0, hidden_size=128)
     (base / "tokenizer.model").write_bytes(b"sentencepiece model bytes\x00\x01")
     config = json.loads((base / "config.json").read_text())
     config["text_config"]["rope_parameters"]["full_attention"] = {"rope_type": "linear", "factor": 8.0,
@@ -177,7 +179,7 @@ def test_fp32_export_matches_pytorch(mlx_fp32_dir, merged_dir):
     assert applied == set(export.MLX_FIXES) == {"fix_mm_tokens_in_text_config", "fix_top_level_hidden_size",
                                                 "fix_rope_parameters", "fix_vision_tower_prefix"}
     config = json.loads((mlx_fp32_dir / "config.json").read_text())
-    assert config["hidden_size"] == 64 and config["text_config"]["mm_tokens_per_image"] == 16
+    assert config["hidden_size"] == 128 and config["text_config"]["mm_tokens_per_image"] == 16
     assert config["text_config"]["rope_scaling"] == {"rope_type": "linear", "factor": 8.0}
     assert manifest["quantization"] is None and manifest["dtype"] == "float32"
     # the converter does not carry tokenizer.model over; the export does
@@ -186,6 +188,9 @@ def test_fp32_export_matches_pytorch(mlx_fp32_dir, merged_dir):
     assert manifest["versions"]["mlx-vlm"] and manifest["versions"]["transformers"]
     v = manifest["verification"]
     assert v["passed"] and v["logits"]["max_abs_diff"] <= 1e-3
+    # mlx-vlm's bf16 embedding normaliser is reproduced in the reference, and its effect reported
+    assert v["logits"]["embed_scale"] == {"exact": pytest.approx(128 ** 0.5), "mlx_vlm_bf16": 11.3125}
+    assert v["logits"]["max_abs_diff_vs_exact_pytorch"] > v["logits"]["max_abs_diff"]
     assert v["buttons"]["agreement_vs_pytorch_causal"] == 1.0
     assert 0.0 <= v["buttons"]["agreement_vs_pytorch_with_token_type_ids"] <= 1.0
 
@@ -199,7 +204,8 @@ def test_fp32_export_matches_pytorch(mlx_fp32_dir, merged_dir):
     collator = Collator(load_processor(str(merged_dir)), max_seq_length=4096)
     pt = load_model(str(merged_dir)).eval()
     sample = export.fixed_samples(4)[3]
-    ref, enc = _logits(pt, collator, sample, token_type_ids=False)
+    with export.MlxNormaliser(pt):
+        ref, enc = _logits(pt, collator, sample, token_type_ids=False)
     got = scorer.logits(enc.input_ids.numpy(), images=collator.images_for([], sample.frames))
     assert got.shape == tuple(ref.shape)
     assert float(np.abs(got - ref.numpy()).max()) <= 1e-3
@@ -207,17 +213,18 @@ def test_fp32_export_matches_pytorch(mlx_fp32_dir, merged_dir):
 
     r = sample.record
     mlx_scores = scorer.score(sample.frames, r.context, r.question).logprobs
-    pt_scores = ButtonScorer(pt, collator, causal_images=True).score(sample.frames, r.context, r.question).logprobs
+    with export.MlxNormaliser(pt):
+        pt_scores = ButtonScorer(pt, collator, causal_images=True).score(sample.frames, r.context, r.question).logprobs
     assert max(abs(mlx_scores[b] - pt_scores[b]) for b in pt_scores) < 1e-3
 
 
-def test_importing_mlx_backend_keeps_transformers_processor(mlx_fp32_dir, tiny_model_dir):
+def test_importing_mlx_backend_keeps_transformers_processor(mlx_fp32_dir, base_dir):
     from transformers import AutoProcessor
 
     from pokemon_gemma.mlx_backend import import_mlx_vlm
 
     import_mlx_vlm()
-    processor = AutoProcessor.from_pretrained(str(tiny_model_dir))
+    processor = AutoProcessor.from_pretrained(str(base_dir))
     assert type(processor).__module__.startswith("transformers."), type(processor).__module__
     assert "token_type_ids" in processor(text=["<start_of_image>"], images=[[export.fixed_samples(1)[0].frames[0]]],
                                          return_tensors="pt")
