@@ -287,17 +287,25 @@ def _adapter_summary(lora_path: Path, weights: Path) -> dict[str, Any]:
     }
 
 
-def _frame_layout(lora_path: Path) -> str | None:
-    run_config = lora_path / "run_config.json"
-    for candidate in (run_config, lora_path.parent / "run_config.json"):
+def _run_config_path(lora_path: Path) -> Path | None:
+    """The training run's run_config.json: in the adapter folder or, for best/ and checkpoint-N/, its parent."""
+    for candidate in (lora_path / "run_config.json", lora_path.parent / "run_config.json"):
         if candidate.is_file():
-            try:
-                layout = json.loads(candidate.read_text()).get("frame_layout")
-            except ValueError:
-                continue
-            if layout in ("images", "grid"):
-                return layout
+            return candidate
     return None
+
+
+def _run_config(lora_path: Path) -> dict[str, Any]:
+    path = _run_config_path(lora_path)
+    try:
+        return json.loads(path.read_text()) if path else {}
+    except ValueError:
+        return {}
+
+
+def _frame_layout(lora_path: Path) -> str | None:
+    layout = _run_config(lora_path).get("frame_layout")
+    return layout if layout in ("images", "grid") else None
 
 
 def merge_lora(base_model: str, lora_path: str | Path, output_path: str | Path, *, dtype: str = "bf16",
@@ -335,9 +343,11 @@ def merge_lora(base_model: str, lora_path: str | Path, output_path: str | Path, 
 
     samples, samples_source = load_samples(verify_data, n_samples) if verify else ([], None)
     collator = Collator(processor, max_seq_length=8192, frame_layout=_frame_layout(lora) or "images")
-    reference = []
+    reference, effect = [], 0.0
     for sample in _progress(samples, "adapter logits"):
         reference.append(torch_logits(model, collator, sample)[0])
+        with model.disable_adapter():  # how far the adapter moves the base: a merge must keep that
+            effect = max(effect, float((torch_logits(model, collator, sample)[0] - reference[-1]).abs().max()))
 
     merged = model.merge_and_unload()
     merged.to(DTYPES[dtype])
@@ -348,8 +358,9 @@ def merge_lora(base_model: str, lora_path: str | Path, output_path: str | Path, 
         merged.save_pretrained(staging)
         processor.save_pretrained(staging)
         copied = copy_tokenizer_files(base_dir, staging)
-        if (lora / "run_config.json").is_file():  # frame_layout etc. for the evaluator (secrets already masked)
-            shutil.copy2(lora / "run_config.json", staging / "run_config.json")
+        run_config = _run_config_path(lora)
+        if run_config:  # frame_layout etc. for the evaluator and server (secrets already masked by training)
+            shutil.copy2(run_config, staging / "run_config.json")
         del model, merged
 
         verification: dict[str, Any] = {"ran": False}
@@ -365,7 +376,9 @@ def merge_lora(base_model: str, lora_path: str | Path, output_path: str | Path, 
                 "ran": True, "samples": len(samples), "samples_source": samples_source,
                 "compared": f"merged ({dtype}) vs base float32 + unmerged adapter, logits with token_type_ids",
                 "max_abs_logit_diff": max(diffs), "max_abs_logit": scale, "tolerance": tolerance,
-                "passed": max(diffs) <= tolerance,
+                # max |adapter - base|: the merged model must be much closer to the adapter than the base is
+                "adapter_effect": effect,
+                "passed": max(diffs) <= tolerance and (effect == 0.0 or max(diffs) < 0.5 * effect),
             }
             del reloaded
         manifest = {
@@ -376,6 +389,8 @@ def merge_lora(base_model: str, lora_path: str | Path, output_path: str | Path, 
             "adapter": _adapter_summary(lora, weights),
             "dtype": dtype,
             "merged_in": "float32 (unquantised base)",
+            # A QLoRA adapter was trained against a 4-bit base; merged here into the unquantised one.
+            "adapter_trained_with_qlora": _run_config(lora).get("use_qlora"),
             "frame_layout": _frame_layout(lora),
             "tokenizer_files_copied_from_base": copied,
             "created": _now(),

@@ -7,8 +7,11 @@ prompt prefix run once and its KV cache repeated 8 times. Only the forward passe
 Two differences from PyTorch are kept visible rather than hidden (export verification measures them):
 - mlx-vlm's Gemma 3 attends causally inside images; transformers with `token_type_ids` (how the
   model is trained and how `ButtonScorer` scores) attends bidirectionally inside each image.
-- mlx-vlm's own prompt path adds a second `<bos>`; we never use it: prompts come from the
-  transformers processor with `add_special_tokens=False`.
+- mlx-vlm's own prompt path can add a second `<bos>` (its Gemma 3 processor has no chat template,
+  so it tokenizes the templated prompt with `add_special_tokens=True`, and a Gemma tokenizer then
+  prepends another `<bos>`); we never use it: prompts come from the transformers processor with
+  `add_special_tokens=False`, checked to hold exactly one `<bos>`. The export manifest records the
+  count that path gives for the exported tokenizer.
 """
 
 from __future__ import annotations

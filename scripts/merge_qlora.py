@@ -71,10 +71,12 @@ def main(argv=None) -> int:
         print("verification skipped (--no-verify)")
         return 0
     print(f"verify: max |logit diff| merged vs adapter = {v['max_abs_logit_diff']:.3g} "
-          f"(tolerance {v['tolerance']:.3g}, {v['samples']} samples) -> {'OK' if v['passed'] else 'FAILED'}")
+          f"(tolerance {v['tolerance']:.3g}; the adapter moves the base by {v['adapter_effect']:.3g}; "
+          f"{v['samples']} samples) -> {'OK' if v['passed'] else 'FAILED'}")
     if not v["passed"]:
         print(f"error: {args.output_path}: merged logits differ from the adapter's by {v['max_abs_logit_diff']:.3g} "
-              f"> {v['tolerance']:.3g} (see {args.output_path}/merge_manifest.json)", file=sys.stderr)
+              f"(tolerance {v['tolerance']:.3g}, adapter effect {v['adapter_effect']:.3g}; "
+              f"see {args.output_path}/merge_manifest.json)", file=sys.stderr)
         return 1
     return 0
 

@@ -89,6 +89,8 @@ def test_merge_equals_adapter_and_writes_manifest(base_dir, adapter_dir, merged_
     assert manifest["adapter"]["sha256"] == export.file_sha256(adapter_dir / "adapter_model.safetensors")
     assert manifest["dtype"] == "fp32" and manifest["versions"]["peft"] and manifest["created"]
     assert manifest["verification"]["passed"] and manifest["verification"]["max_abs_logit_diff"] < 1e-4
+    assert manifest["verification"]["adapter_effect"] > 1e-2  # the trained adapter does move the base
+    assert manifest["frame_layout"] is None and manifest["adapter_trained_with_qlora"] is None  # no run_config.json
     # every tokenizer file of the base, tokenizer.model included (byte for byte)
     assert (merged_dir / "tokenizer.model").read_bytes() == (base_dir / "tokenizer.model").read_bytes()
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "processor_config.json"):
