@@ -166,7 +166,8 @@ def check_frames(rows: list[Row], report: Report) -> set[str]:
     if len(sizes) > 1:
         report.warn("frames", "", f"frames have {len(sizes)} different sizes: {dict(sizes.most_common(5))}",
                     "fine for the processor, but check the recordings")
-    report.checks["frames"] = f"{len(users)} distinct frames, {len(users) - len(bad)} decode; sizes {dict(sizes.most_common(3))}"
+    report.checks["frames"] = (f"{len(users)} distinct frames, {len(users) - len(bad)} decode; "
+                               f"sizes {dict(sizes.most_common(3))}")
     report.data["frames"] = {"distinct": len(users), "bad": len(bad), "sizes": dict(sizes)}
     return bad
 
@@ -396,9 +397,9 @@ def check_environment(s: Settings, stats: dict, report: Report) -> None:
     if info["gated_model"] and not token_set:
         report.error("model access", s.model_name, "gated model id and no HUGGINGFACE_TOKEN",
                      "accept the licence on huggingface.co and put HUGGINGFACE_TOKEN=... in .env")
-    report.checks["model access"] = (f"{s.model_name}: " + ("gated, token set (not shown)" if info["gated_model"] and token_set
-                                                           else "gated, no token" if info["gated_model"]
-                                                           else "local or public, no token needed"))
+    access = ("local or public, no token needed" if not info["gated_model"]
+              else "gated, token set (not shown)" if token_set else "gated, no token")
+    report.checks["model access"] = f"{s.model_name}: {access}"
 
     # Memory estimate and disk.
     shape = model_shape(s.model_name, s.hub_token)

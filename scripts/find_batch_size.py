@@ -37,7 +37,9 @@ def build_parser(settings) -> argparse.ArgumentParser:
                         help="optimizer steps per probe; the first is not timed (default: 3, at least 2)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
                         help="where to probe (default: auto = cuda, else mps, else cpu)")
-    parser.add_argument("--output", default="batch_size_results.json", help="report JSON; a PNG of memory and throughput per size goes beside it (default: batch_size_results.json)")
+    parser.add_argument("--output", default="batch_size_results.json",
+                        help="report JSON; a PNG of memory and throughput per size goes beside it "
+                             "(default: batch_size_results.json)")
     parser.add_argument("--update_env", action="store_true",
                         help="write BATCH_SIZE and GRAD_ACCUM into --env_file, keeping every other line")
     return parser

@@ -34,7 +34,9 @@ def build_parser(settings) -> argparse.ArgumentParser:
     parser.add_argument("--encode_samples", type=int, default=8,
                         help="the N longest samples are fully encoded (images too) by the training collator "
                              "(over-long ones always are) (default: 8)")
-    parser.add_argument("--output", default="validation_report.json", help="report JSON; a PNG of labels and token lengths goes beside it (default: validation_report.json)")
+    parser.add_argument("--output", default="validation_report.json",
+                        help="report JSON; a PNG of labels and token lengths goes beside it "
+                             "(default: validation_report.json)")
     return parser
 
 
@@ -65,7 +67,8 @@ def main(argv=None) -> int:
     print_report(report)
     n_err = sum(i.level == "error" for i in report.issues)
     n_warn = len(report.issues) - n_err
-    print(f"{'FAILED' if n_err else 'OK'}: {n_err} error(s), {n_warn} warning(s); report written to {args.output} and {png}")
+    print(f"{'FAILED' if n_err else 'OK'}: {n_err} error(s), {n_warn} warning(s); "
+          f"report written to {args.output} and {png}")
     return 1 if n_err else 0
 
 
