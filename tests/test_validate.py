@@ -76,6 +76,12 @@ def _missing_frame(train, val):
     return ["frame not found", rows[4]["frames"][2], f"{train}:5"]
 
 
+def _corrupt_frame(train, val):
+    rows = [json.loads(line) for line in train.read_text().splitlines()]
+    (train.parent / rows[8]["frames"][0]).write_bytes(b"\x89PNG truncated")
+    return ["frame does not decode", rows[8]["frames"][0], f"{train}:9"]
+
+
 def _three_frames(train, val):
     edit_lines(train, lambda rows: [{**r, "frames": r["frames"][:3]} if i == 1 else r for i, r in enumerate(rows)])
     return [f"{train}:2: frames: expected 4 frames, got 3"]
@@ -112,7 +118,7 @@ def _bad_json(train, val):
     return [f"{train}:3: invalid JSON"]
 
 
-@pytest.mark.parametrize("make_problem", [_missing_frame, _three_frames, _invalid_button, _over_long,
+@pytest.mark.parametrize("make_problem", [_missing_frame, _corrupt_frame, _three_frames, _invalid_button, _over_long,
                                           _session_overlap, _duplicate_window, _bad_json],
                          ids=lambda f: f.__name__.strip("_"))
 def test_each_problem_is_named_and_fails(make_problem, tiny_model_dir, tmp_path, capsys):
