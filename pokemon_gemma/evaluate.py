@@ -146,12 +146,18 @@ def load_backend(model_name: str, adapter_path: str | None = None, *, backend: s
             raise EvalError(f"cannot load MLX export {model_name}: {_first_line(exc)}") from None
         return MlxBackend(scorer, blank_frames=blank_frames)
     if not adapter_path and is_adapter_dir(model_name):
-        adapter_path, model_name = model_name, adapter_base_model(model_name)
+        try:
+            adapter_path, model_name = model_name, adapter_base_model(model_name)
+        except (OSError, ValueError, KeyError) as exc:
+            raise EvalError(f"{model_name}/adapter_config.json: no readable base_model_name_or_path "
+                            f"({_first_line(exc)}; pass --model_name BASE --adapter_path {model_name})") from None
         log.info("%s is a LoRA adapter; loading its base model %s", adapter_path, model_name)
     try:
         model, processor = load_for_inference(model_name, adapter_path, precision=precision, token=token)
     except ModelLoadError as exc:
         raise EvalError(str(exc)) from None
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:  # e.g. an adapter that does not fit its base
+        raise EvalError(f"cannot load {adapter_path or model_name}: {_first_line(exc)}") from None
     return TorchBackend(model, processor, kind=kind, max_seq_length=max_seq_length, frame_layout=frame_layout,
                         blank_frames=blank_frames, base_model=model_name, adapter_path=adapter_path)
 
@@ -205,7 +211,7 @@ def previous_button(record: Record) -> str | None:
 
 def predict(backend: Backend, records: list[Record], mode: str = "score", *, max_new_tokens: int = 96,
             batch_size: int = 1, progress: bool = True, frame_loader=None) -> tuple[list[Prediction], list[dict]]:
-    """Run the backend over the records: (predictions, skipped [{sample_id, reason}]).
+    """Run the backend over the records: (predictions, skipped [{index, sample_id, reason}]).
 
     Score mode takes one sample at a time (its 8 answers already share one prompt pass); generate mode
     sends `batch_size` samples per call when the backend has `generate_batch`, and a sample's latency
@@ -222,11 +228,11 @@ def predict(backend: Backend, records: list[Record], mode: str = "score", *, max
     with tqdm(total=len(records), desc=f"evaluate ({mode})", unit="sample", disable=not progress) as bar:
         for i in range(0, len(records), step):
             batch = []
-            for record in records[i:i + step]:
+            for index, record in enumerate(records[i:i + step], start=i):
                 try:
                     batch.append((record, [frames_of.load(p) for p in record.frames]))
                 except SampleError as exc:
-                    skipped.append({"sample_id": record.sample_id, "reason": str(exc)})
+                    skipped.append({"index": index, "sample_id": record.sample_id, "reason": str(exc)})
             if batch:
                 predictions += _predict_batch(backend, batch, mode, max_new_tokens)
             bar.update(len(records[i:i + step]))
@@ -347,8 +353,8 @@ def build_report(predictions: list[Prediction], records: list[Record], *, mode: 
                  train_records: list[Record] | None = None, info: dict[str, Any] | None = None,
                  skipped: list[dict] | None = None) -> dict[str, Any]:
     """The eval_report.json object: metrics over `predictions`, baselines over the same samples."""
-    evaluated = {p.sample_id for p in predictions}
-    same = [r for r in records if r.sample_id in evaluated] if len(evaluated) < len(records) else records
+    skipped_at = {s["index"] for s in skipped or []}
+    same = [r for i, r in enumerate(records) if i not in skipped_at]  # baselines on the evaluated samples
     true = [p.true for p in predictions]
     pred = [p.predicted for p in predictions]
     n = len(predictions)
@@ -476,7 +482,9 @@ def _prediction_row(p: Prediction) -> dict[str, Any]:
 
 
 def _short_title(report: dict[str, Any]) -> str:
-    name = Path(report.get("adapter_path") or report.get("model_name") or "model").name
+    path = Path(report.get("adapter_path") or report.get("model_name") or "model")
+    # A run's best/ or checkpoint-N/ says little alone: name its run too.
+    name = f"{path.parent.name}/{path.name}" if path.name == "best" or path.name.startswith("checkpoint-") else path.name
     return f"{name} ({report['mode']}{', blank frames' if report.get('blank_frames') else ''})"
 
 

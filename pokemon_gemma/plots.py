@@ -79,7 +79,7 @@ def training_curves_png(rows: list[dict[str, Any]], path: str | Path, title: str
                and not (isinstance(r[key], float) and math.isnan(r[key]))]
         return [p[0] for p in pts], [p[1] for p in pts]
 
-    fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(14, 3.8))
+    fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(14, 3.8), layout="constrained")
     for key, label, style in (("train/loss", "train loss", "-"), ("eval/loss", "val loss", "o-")):
         xs, ys = series(key)
         if xs:

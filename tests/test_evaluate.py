@@ -298,3 +298,15 @@ def test_mlx_export_is_detected_and_evaluated(confident_model_dir, dataset, tmp_
         assert row["probabilities"] == pytest.approx(direct, abs=1e-5)
         real = backend.scorer.score_record(record).probabilities  # the scorer itself does not blank
         assert row["probabilities"] != pytest.approx(real, abs=1e-5)
+
+
+def test_undecodable_frame_is_a_counted_skip(tiny_model_dir, tmp_path):
+    data = write_dataset(tmp_path / "data", SAMPLES[:4])
+    (tmp_path / "data" / "s1_2.png").write_bytes(b"not a png")
+    report = run_eval(tiny_model_dir, data, tmp_path / "eval")
+    assert (report["n"], report["n_skipped"]) == (3, 1)
+    assert report["skipped"][0]["index"] == 1 and "s1_2.png" in report["skipped"][0]["reason"]
+    # Baselines count the same 3 samples: up, left, a (the skipped "down" is not among them).
+    assert report["baselines"]["majority"]["accuracy"] == pytest.approx(1 / 3)
+    assert report["baselines"]["repeat_last"]["n_missing_previous"] == 1
+    assert sum(map(sum, report["confusion_matrix"]["matrix"])) == 3
