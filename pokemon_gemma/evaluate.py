@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol
 
 from .dataset import BUTTONS, Record, load_records
+from .export import EXPORT_MANIFEST as MLX_MANIFEST, MERGE_MANIFEST
 from .fileio import atomic_write_json, atomic_write_jsonl, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,6 @@ REPORT_MD = "eval_report.md"
 PREDICTIONS = "predictions.jsonl"
 CONFUSION_PNG = "confusion_matrix.png"
 CONTEXT_PNG = "accuracy_by_context.png"
-MLX_MANIFEST = "export_manifest.json"
 
 
 class EvalError(RuntimeError):
@@ -49,7 +49,7 @@ class EvalError(RuntimeError):
 
 # --------------------------------------------------------------------------- backends
 class Backend(Protocol):
-    kind: str  # "base", "adapter", "merged" or "mlx"
+    kind: str  # "base", "adapter", "merged", "finetuned" (full fine-tuning run) or "mlx"
 
     def score(self, frames: list, context: str, question: str): ...
 
@@ -112,7 +112,7 @@ def is_mlx_export(path: str | Path) -> bool:
 
 
 def model_kind(model_name: str, adapter_path: str | None, backend: str = "auto") -> str:
-    """base | adapter | merged | mlx, from the flags and the folder's contents."""
+    """base | adapter | merged | finetuned | mlx, from the flags and the folder's contents."""
     from .modeling import is_adapter_dir
 
     if backend == "mlx" or (backend == "auto" and is_mlx_export(model_name)):
@@ -120,9 +120,11 @@ def model_kind(model_name: str, adapter_path: str | None, backend: str = "auto")
     if adapter_path or is_adapter_dir(model_name):
         return "adapter"
     folder = Path(model_name)
-    # A merge writes a manifest beside the weights; a plain (base or tiny) folder has none.
-    if folder.is_dir() and any(p.name.endswith("manifest.json") for p in folder.iterdir()):
+    # A merge writes a manifest beside the weights; a full fine-tuning run its run_config.json.
+    if (folder / MERGE_MANIFEST).is_file():
         return "merged"
+    if (folder / "run_config.json").is_file():
+        return "finetuned"
     return "base"
 
 
@@ -166,7 +168,7 @@ def run_frame_layout(model_name: str, adapter_path: str | None) -> str | None:
     """The frame layout the model was trained with, when its folder records it (a training run's
     run_config.json, a merge's or an MLX export's manifest)."""
     for folder in (adapter_path, model_name):
-        for name in ("run_config.json", "merge_manifest.json", MLX_MANIFEST):
+        for name in ("run_config.json", MERGE_MANIFEST, MLX_MANIFEST):
             path = Path(folder) / name if folder else None
             if path is None or not path.is_file():
                 continue
