@@ -435,8 +435,13 @@ def evaluate(cfg: EvalConfig, backend: Backend | None = None, *, progress: bool 
         backend = load_backend(cfg.model_name, cfg.adapter_path, backend=cfg.backend, frame_layout=cfg.frame_layout,
                                blank_frames=cfg.blank_frames, max_seq_length=cfg.max_seq_length,
                                precision=cfg.precision, token=token)
-    predictions, skipped = predict(backend, records, cfg.mode, max_new_tokens=cfg.max_new_tokens,
-                                   batch_size=cfg.batch_size, progress=progress)
+    from .collate import SampleError
+
+    try:
+        predictions, skipped = predict(backend, records, cfg.mode, max_new_tokens=cfg.max_new_tokens,
+                                       batch_size=cfg.batch_size, progress=progress)
+    except SampleError as exc:  # the prompt does not fit this model/processor: systematic, not per sample
+        raise EvalError(f"{cfg.dataset_path}: {exc}") from None
     if not predictions:
         raise EvalError(f"{cfg.dataset_path}: no sample could be evaluated ({len(skipped)} skipped: "
                         f"{skipped[0]['reason'] if skipped else 'empty'})")

@@ -2,6 +2,7 @@
 generate on a model trained to be confident, invalid answers counted, reports/PNGs, CLI errors."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -203,8 +204,7 @@ def test_adapter_folder_and_merged_folder(tiny_model_dir, dataset, tmp_path):
 
 def cli(*args, timeout=180):
     return subprocess.run([sys.executable, "scripts/evaluate.py", *map(str, args)], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=timeout, env={**__import__("os").environ,
-                                                                                "OMP_NUM_THREADS": "1"})
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def test_cli_blank_frames_train_majority_and_compare(tiny_model_dir, dataset, tmp_path):
