@@ -41,11 +41,12 @@ def build_parser(settings) -> argparse.ArgumentParser:
     parser.add_argument("--train_dataset_path", default=None,
                         help="training JSONL: the majority baseline uses its most common button (else this set's)")
     parser.add_argument("--frame_layout", choices=("images", "grid"), default=None,
-                        help="4 images or one 2x2 grid; must match training (default: the run's run_config.json, "
-                             f"else env FRAME_LAYOUT = {settings.frame_layout!r})")
+                        help="4 images or one 2x2 grid; must match training (default: what the model folder "
+                             "records in run_config.json, merge_manifest.json or export_manifest.json, else env "
+                             f"FRAME_LAYOUT = {settings.frame_layout!r})")
     parser.add_argument("--backend", choices=("auto", "torch", "mlx"), default="auto",
                         help="auto: mlx when the model folder has export_manifest.json, else torch")
-    add_settings_args(parser, settings, ["max_seq_length", "mixed_precision"])
+    add_settings_args(parser, settings, ["mixed_precision"])
     parser.add_argument("--max_new_tokens", type=int, default=96, help="generation budget in generate mode")
     parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--compare", nargs="+", metavar="EVAL_DIR",
@@ -71,7 +72,7 @@ def main(argv=None) -> int:
             model_name=args.model_name, adapter_path=args.adapter_path, dataset_path=args.dataset_path,
             output_dir=args.output_dir, mode=args.mode, limit=args.limit, blank_frames=args.blank_frames,
             train_dataset_path=args.train_dataset_path, frame_layout=frame_layout, backend=args.backend,
-            max_seq_length=args.max_seq_length, precision=args.mixed_precision, max_new_tokens=args.max_new_tokens,
+            precision=args.mixed_precision, max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size,
         )
         ev.load_eval_records(cfg)  # fail on bad data before spending minutes loading a model
