@@ -237,7 +237,8 @@ def validate_adapter(lora_path: str | Path) -> Path:
     """The adapter weights file; one-line errors for a missing folder or files."""
     lora = Path(lora_path)
     if not lora.is_dir():
-        raise ExportError(f"{lora}: adapter folder not found (pass the training run folder, its best/ or a checkpoint-N/)", code=2)
+        raise ExportError(f"{lora}: adapter folder not found (pass the training run folder, its best/ or a "
+                          "checkpoint-N/)", code=2)
     if not (lora / "adapter_config.json").is_file():
         raise ExportError(f"{lora}/adapter_config.json: missing (not a LoRA adapter folder; pass the run folder, "
                           "best/ or checkpoint-N/ that holds adapter_config.json)", code=2)

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from .collate import Collator
-from .dataset import BUTTONS, Record
+from .dataset import BUTTONS
 from .scoring import ButtonScorer, ButtonScores, _common_prefix_length, answer_prefix
 
 MLX_DTYPES = ("float32", "bfloat16", "float16")
@@ -214,9 +214,9 @@ class MlxButtonScorer(ButtonScorer):
         ids = self.generate_ids(frames, context, question, max_new_tokens)
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
-    def score_record(self, record: Record) -> ButtonScores:
-        frames = [self.collator.frames.load(p) for p in record.frames]
-        return self.score(frames, record.context, record.question)
+    def generate_batch(self, items: list[tuple[list[Image.Image], str, str]], max_new_tokens: int = 96) -> list[str]:
+        """One greedy answer per (frames, context, question), generated one after another."""
+        return [self.generate(frames, context, question, max_new_tokens) for frames, context, question in items]
 
 
 def export_frame_layout(mlx_dir: Path) -> str:
