@@ -331,6 +331,8 @@ def merge_lora(base_model: str, lora_path: str | Path, output_path: str | Path, 
         # Checkpoints on the hub are bf16: the merged folder is about their size times this ratio.
         check_free_disk(output.parent, int(_weights_bytes(base_dir) * bytes_per_param / 2 * 1.05))
 
+    # Bad verification data fails now, not after minutes of loading.
+    samples, samples_source = load_samples(verify_data, n_samples) if verify else ([], None)
     started = time.time()
     log.info("loading %s in float32 (never merging into quantised weights)", base_model)
     try:
@@ -342,7 +344,6 @@ def merge_lora(base_model: str, lora_path: str | Path, output_path: str | Path, 
     base_revision = getattr(model.config, "_commit_hash", None)
     model = _load_adapter(model, lora, base_model).eval()
 
-    samples, samples_source = load_samples(verify_data, n_samples) if verify else ([], None)
     collator = Collator(processor, max_seq_length=8192, frame_layout=_frame_layout(lora) or "images")
     reference, effect = [], 0.0
     for sample in _progress(samples, "adapter logits"):
