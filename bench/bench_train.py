@@ -8,8 +8,10 @@ the same number of torch threads. Each trainer runs in its own fresh child proce
 (ru_maxrss, read right after training) is not shared. Both trained adapters are then scored with
 OUR ButtonScorer (highest-scoring of the 8 full answers) on the same held-out windows, so the
 accuracy metric is identical. Printed per run: samples/s over the whole training loop (data loading
-and collation included) by the wall clock, and per CPU-second of the process (steadier on a shared
-machine), peak RSS (and the peak before the first step: imports + model + data), train loss, held-out
+and collation included) per CPU-second of the process (the headline: with --threads 1 it is what the
+wall clock shows on an idle machine, and other processes disturb it far less) and by the wall clock
+(with the 1-minute load average at the end of training: above the core count it is not a trainer
+figure), peak RSS (and the peak before the first step: imports + model + data), train loss, held-out
 accuracy; then the ratios ours/TRL (medians over --repeats, runs interleaved ours, TRL, ours, ...).
 
 TRL side: prompt/completion conversational data with an `images` column of 4 frame paths
@@ -154,7 +156,8 @@ def child_ours(cfg: dict) -> dict:
     step_times = [b[0] - a[0] for a, b in zip(marks, marks[1:])]
     cpu_times = [b[1] - a[1] for a, b in zip(marks, marks[1:])]
     return {"step_times": step_times, "cpu_times": cpu_times, "losses": losses, "peak_rss_mb": rss,
-            "start_rss_mb": start_rss[0], "wall_s": wall, **score_adapter(Path(cfg["work"]), out, cfg["eval_samples"])}
+            "start_rss_mb": start_rss[0], "wall_s": wall, "load": os.getloadavg()[0],
+            **score_adapter(Path(cfg["work"]), out, cfg["eval_samples"])}
 
 
 def trl_dataset(records, collator):
@@ -245,7 +248,7 @@ def child_trl(cfg: dict) -> dict:
     trainer.save_model(str(out))
     del trainer, model
     return {"step_times": step_times, "cpu_times": cpu_times, "losses": losses, "peak_rss_mb": rss,
-            "start_rss_mb": timer.start_rss, "wall_s": wall, "label_check": labels,
+            "start_rss_mb": timer.start_rss, "wall_s": wall, "load": os.getloadavg()[0], "label_check": labels,
             "trl_samples_per_s": result.metrics.get("train_samples_per_second"),
             **score_adapter(work, out, cfg["eval_samples"])}
 
@@ -274,7 +277,8 @@ def summarise(res: dict, samples_per_step: int) -> dict:
     return {"sps": samples_per_step * n / sum(wall), "sps_cpu": samples_per_step * n / sum(cpu),
             "sps_steady": samples_per_step * len(wall[rest]) / sum(wall[rest]),
             "sps_cpu_steady": samples_per_step * len(cpu[rest]) / sum(cpu[rest]),
-            "rss": res["peak_rss_mb"], "rss0": res["start_rss_mb"], "acc": res["accuracy"], "loss0": res["losses"][0],
+            "rss": res["peak_rss_mb"], "rss0": res["start_rss_mb"], "load": res["load"], "acc": res["accuracy"],
+            "loss0": res["losses"][0],
             "loss1": statistics.mean(res["losses"][-5:])}
 
 
@@ -343,13 +347,13 @@ def main(argv=None) -> int:
     table = Table(title=f"LoRA on tiny Gemma 3, {n_train} demo train windows (4 frames each): {args.steps} steps x "
                         f"batch {args.batch_size} x accum {args.grad_accum}, lr {args.learning_rate:g} cosine, "
                         f"seed {args.seed}, {args.threads} torch thread(s); each run a fresh process")
-    for col in ("trainer", "run", "samples/s (wall)", "samples per CPU-s", "peak RSS MB (at loop start)",
+    for col in ("trainer", "run", "samples/s (wall)", "load avg", "samples per CPU-s", "peak RSS MB (at loop start)",
                 "train loss step 1 -> mean last 5", f"held-out acc ({heldout} windows)"):
         table.add_column(col, justify="right")
     sums = {k: [summarise(r, per_step) for r in v] for k, v in runs.items()}
     for kind, label in (("ours", "ours (pokemon_gemma.train)"), ("trl", "TRL SFTTrainer")):
         for i, m in enumerate(sums[kind]):
-            table.add_row(label, str(i + 1), f"{m['sps']:.2f}", f"{m['sps_cpu']:.2f}",
+            table.add_row(label, str(i + 1), f"{m['sps']:.2f}", f"{m['load']:.1f}", f"{m['sps_cpu']:.2f}",
                           f"{m['rss']:.0f} ({m['rss0']:.0f})", f"{m['loss0']:.3f} -> {m['loss1']:.3f}",
                           f"{m['acc']:.3f}")
     Console(width=160).print(table)
@@ -361,10 +365,12 @@ def main(argv=None) -> int:
         return statistics.median(m["acc"] for m in sums[kind])
 
     ratios = {k: ratio(k) for k in ("sps", "sps_cpu", "sps_steady", "sps_cpu_steady", "rss")}
-    print(f"ours/TRL samples/s (wall):       {ratios['sps']:.2f}x (without step 1: {ratios['sps_steady']:.2f}x)"
-          f"   target >= 1.20x: {'met' if ratios['sps'] >= 1.2 else 'NOT met'}")
+    busy = max(m["load"] for v in sums.values() for m in v) > (os.cpu_count() or 1) - 0.5
     print(f"ours/TRL samples per CPU-second: {ratios['sps_cpu']:.2f}x (without step 1: {ratios['sps_cpu_steady']:.2f}x)"
-          f"   (robust to other load on the machine)")
+          f"   target >= 1.20x: {'met' if ratios['sps_cpu'] >= 1.2 else 'NOT met'}")
+    print(f"ours/TRL samples/s (wall):       {ratios['sps']:.2f}x (without step 1: {ratios['sps_steady']:.2f}x)"
+          + ("   unreliable: other processes kept the load average near or above the core count"
+             if busy else f"   target >= 1.20x: {'met' if ratios['sps'] >= 1.2 else 'NOT met'}"))
     print(f"ours/TRL peak RSS:               {ratios['rss']:.2f}x   target <= 1.00x: "
           f"{'met' if ratios['rss'] <= 1.0 else 'NOT met'}")
     print(f"held-out accuracy (our ButtonScorer, same {heldout} windows): ours {acc('ours'):.3f}, TRL {acc('trl'):.3f} "
