@@ -42,6 +42,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from pokemon_gemma.fileio import atomic_write_json  # noqa: E402
+
 TRL_OVERRIDES = {  # TRL 1.x SFTConfig defaults that would make the comparison unequal
     "gradient_checkpointing": False,  # TRL default True; ours off
     "bf16": False,  # TRL default True; ours fp32 (--mixed_precision no)
@@ -132,10 +134,8 @@ def child_ours(cfg: dict) -> dict:
     )
     # train() opens a fresh throughput window before the loop and after every logged step
     # (logging_steps=1): stamping those calls gives each optimizer step's wall and CPU time.
-    marks = []
+    marks, start_rss = [], []
     new_window = T.new_window
-
-    start_rss = []
 
     def stamped_window():
         if not marks:
@@ -311,7 +311,7 @@ def main(argv=None) -> int:
     if args.child:
         cfg = json.loads(Path(args.spec).read_text())
         res = (child_ours if args.child == "ours" else child_trl)(cfg)
-        Path(args.result).write_text(json.dumps(res))
+        atomic_write_json(args.result, res)
         return 0
     for name in ("steps", "batch_size", "grad_accum", "threads", "repeats", "sessions"):
         if getattr(args, name) < 1:
@@ -386,8 +386,7 @@ def main(argv=None) -> int:
         if not m["loss1"] < m["loss0"]:
             print(f"warning: {kind}'s train loss did not decrease ({m['loss0']:.3f} -> {m['loss1']:.3f})")
     if args.json:
-        Path(args.json).write_text(json.dumps({"config": base, "runs": runs, "summary": sums,
-                                               "ratios": ratios}, indent=2))
+        atomic_write_json(args.json, {"config": base, "runs": runs, "summary": sums, "ratios": ratios})
     return 0
 
 
