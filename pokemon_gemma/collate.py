@@ -137,14 +137,17 @@ class Collator:
         context, shortened = self.fit_context(record.context, record.question, answer, sample_id)
         prompt = self.prompt_text(context, record.question)
         imgs = self.images_for(record.frames, images)
-        enc = self.processor(text=[prompt + answer], images=[imgs], return_tensors="pt", add_special_tokens=False)
-        input_ids = enc["input_ids"][0]
-        if "token_type_ids" not in enc:
-            raise SampleError(f"{sample_id}: processor returned no token_type_ids (image attention would be causal)")
+        # What Gemma3Processor does, without its per-call overhead: expand each image placeholder
+        # into its soft tokens, tokenize, and mark image tokens for bidirectional attention.
+        input_ids = torch.tensor(self.expanded_ids(prompt + answer))
+        token_type_ids = (input_ids == self.image_token_id).long()
         self._check(sample_id, input_ids, len(imgs))
         labels = None
         if with_answer:
-            n_prompt = self._expanded_token_count(prompt)
+            prompt_ids = self.expanded_ids(prompt)
+            n_prompt = len(prompt_ids)
+            if input_ids[:n_prompt].tolist() != prompt_ids:
+                raise SampleError(f"{sample_id}: the prompt tokenizes differently inside the full sample")
             labels = torch.full_like(input_ids, IGNORE_INDEX)
             eot_positions = (input_ids == self.end_of_turn_id).nonzero().flatten()
             answer_end = int(eot_positions[-1]) + 1 if len(eot_positions) else 0
@@ -155,8 +158,16 @@ class Collator:
             supervised = self.tokenizer.decode(input_ids[n_prompt:answer_end])
             if supervised.strip() != answer.strip():
                 raise SampleError(f"{sample_id}: labels do not align with the answer ({supervised[:40]!r}...)")
-        return EncodedSample(sample_id, input_ids, enc["token_type_ids"][0], labels,
-                             enc["pixel_values"].to(self.pixel_dtype), shortened)
+        return EncodedSample(sample_id, input_ids, token_type_ids, labels, self.pixel_values(imgs), shortened)
+
+    def expanded_ids(self, text: str) -> list[int]:
+        """Token ids of templated text with every image placeholder expanded to its soft tokens."""
+        text = text.replace(self.processor.boi_token, self.processor.full_image_sequence)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
+        out = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        return out.to(self.pixel_dtype)
 
     def _check(self, sample_id: str, input_ids: torch.Tensor, n_images: int) -> None:
         n_bos = int((input_ids == self.tokenizer.bos_token_id).sum())

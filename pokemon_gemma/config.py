@@ -67,6 +67,7 @@ class Settings:
     max_grad_norm: float = _f(1.0, "clip the gradient norm (0 = no clipping)")
     eval_max_samples: int = _f(256, "validation samples scored at each eval step (0 = all)")
     eval_batch_size: int = _f(8, "micro-batch size for the validation loss")
+    dataloader_workers: int = _f(1, "processes that decode/collate upcoming micro-batches while the model trains (0 = inline)")
     report_to: str = _f("none", "experiment tracker", ("wandb", "tensorboard", "none"))
     run_name: str = _f("", "run name for trackers ('' = output dir name)")
     accelerate_config: str = _f("accelerate_configs/single_gpu.yaml", "accelerate config for train_gemma3.sh")

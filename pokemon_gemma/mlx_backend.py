@@ -162,7 +162,7 @@ class MlxButtonScorer(ButtonScorer):
 
         images = self.collator.images_for([], frames)
         prompt = self.collator.prompt_text(context, question)
-        full = [self._expanded_ids(prompt + answer_prefix(b)) for b in BUTTONS]
+        full = [self.collator.expanded_ids(prompt + answer_prefix(b)) for b in BUTTONS]
         shared = _common_prefix_length(full)
         prefix = mx.array([full[0][:shared]])
         self.collator._check("scoring prompt", _as_torch(full[0][:shared]), len(images))

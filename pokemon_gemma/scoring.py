@@ -63,17 +63,12 @@ class ButtonScorer:
         return model
 
     def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
-        out = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
-        return out.to(self.device, self.dtype)
+        return self.collator.pixel_values(images).to(self.device, self.dtype)
 
     @torch.no_grad()
     def image_features(self, images: list[Image.Image]) -> torch.Tensor:
         """Projected vision features (n_images, tokens, hidden); the server caches these per frame."""
         return self._gemma().model.get_image_features(self.pixel_values(images), return_dict=True).pooler_output
-
-    def _expanded_ids(self, text: str) -> list[int]:
-        text = text.replace(self.processor.boi_token, self.processor.full_image_sequence)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     @torch.no_grad()
     def score(self, frames: list[Image.Image], context: str, question: str,
@@ -83,7 +78,7 @@ class ButtonScorer:
 
         images = self.collator.images_for([], frames)
         prompt = self.collator.prompt_text(context, question)
-        full = [self._expanded_ids(prompt + answer_prefix(b)) for b in BUTTONS]
+        full = [self.collator.expanded_ids(prompt + answer_prefix(b)) for b in BUTTONS]
         shared = _common_prefix_length(full)
         prefix = torch.tensor([full[0][:shared]], device=self.device)
         self.collator._check("scoring prompt", prefix[0], len(images))

@@ -40,7 +40,7 @@ TRAIN_FLAGS = [
     "grad_accum", "learning_rate", "warmup_ratio", "weight_decay", "lr_scheduler", "max_seq_length", "lora_r",
     "lora_alpha", "lora_dropout", "lora_targets", "use_peft", "use_qlora", "gradient_checkpointing",
     "mixed_precision", "frame_layout", "eval_steps", "save_steps", "save_total_limit", "logging_steps", "seed",
-    "max_grad_norm", "eval_max_samples", "eval_batch_size", "report_to", "run_name",
+    "max_grad_norm", "eval_max_samples", "eval_batch_size", "dataloader_workers", "report_to", "run_name",
 ]
 
 
@@ -93,6 +93,24 @@ def step_indices(plan: StepPlan, s: Settings, step: int, n: int, rank: int) -> l
         start = (in_epoch * s.grad_accum + k) * plan.global_micro_batch + rank * s.batch_size
         out.append(order[start:start + s.batch_size])
     return out
+
+
+class StepMicroBatches(torch.utils.data.Dataset):
+    """Item j = collated micro-batch j of this process from `start_step` on, in training order, so a
+    DataLoader with workers prepares the next micro-batches while the model trains."""
+
+    def __init__(self, records: list[Record], collator: Collator, plan: StepPlan, s: Settings, rank: int,
+                 start_step: int):
+        self.records, self.collator, self.plan, self.s, self.rank = records, collator, plan, s, rank
+        self.start_step = start_step
+
+    def __len__(self) -> int:
+        return (self.plan.total_steps - self.start_step) * self.s.grad_accum
+
+    def __getitem__(self, j: int) -> dict[str, torch.Tensor]:
+        step, k = divmod(j, self.s.grad_accum)
+        idx = step_indices(self.plan, self.s, self.start_step + step, len(self.records), self.rank)[k]
+        return self.collator([self.records[i] for i in idx])
 
 
 def make_scheduler(optimizer, s: Settings, total_steps: int):
@@ -304,9 +322,14 @@ def train(s: Settings, resume_from: str | None = None) -> Path:
                                  run_config, rngs, s.save_total_limit)
         accelerator.wait_for_everyone()
 
+    loader = iter(torch.utils.data.DataLoader(
+        StepMicroBatches(train_records, collator, plan, s, rank, state["step"]), batch_size=None, shuffle=False,
+        num_workers=s.dataloader_workers, pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator().manual_seed(s.seed),  # its seed draw must not move the global RNG (exact resume)
+        prefetch_factor=2 * s.grad_accum if s.dataloader_workers > 0 else None))
     while state["step"] < plan.total_steps:
         step = state["step"]
-        micro = [collator([train_records[i] for i in idx]) for idx in step_indices(plan, s, step, len(train_records), rank)]
+        micro = [next(loader) for _ in range(s.grad_accum)]
         step_loss, n_step = backward_step(accelerator, model, micro)
         if s.max_grad_norm > 0:
             accelerator.clip_grad_norm_(trainable, s.max_grad_norm)

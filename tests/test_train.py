@@ -171,3 +171,16 @@ def test_two_process_cpu_run_completes_with_outputs(tiny_model_dir, data, tmp_pa
     for folder in (out, out / "best", out / "checkpoint-3"):
         assert (folder / "adapter_model.safetensors").is_file()
     assert (out / "checkpoint-3" / "rng_state_1.pth").is_file()
+
+
+def test_collator_matches_gemma3_processor(processor, data):
+    """The collator skips the processor call for speed; its tensors must be the processor's own."""
+    collator = Collator(processor)
+    record = load_records(data[0])[1]
+    sample = collator.encode(record)
+    text = collator.prompt_text(record.context, record.question) + record.output + "<end_of_turn>\n"
+    images = [collator.frames.load(p) for p in record.frames]
+    ref = processor(text=[text], images=[images], return_tensors="pt", add_special_tokens=False)
+    assert torch.equal(sample.input_ids, ref["input_ids"][0])
+    assert torch.equal(sample.token_type_ids, ref["token_type_ids"][0])
+    assert torch.equal(sample.pixel_values, ref["pixel_values"])
