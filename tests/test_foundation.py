@@ -86,3 +86,12 @@ def test_tiny_model_loads_through_auto_classes_and_runs_4_images(tmp_path):
     assert torch.isfinite(logits).all()
     # The projector must not be all zeros (it is created as zeros upstream).
     assert model.model.multi_modal_projector.mm_input_projection_weight.abs().sum() > 0
+
+
+def test_env_example_documents_every_setting_and_loads():
+    from dataclasses import fields
+
+    example = REPO_ROOT / ".env.example"
+    keys = [line.split("=", 1)[0] for line in example.read_text().splitlines() if line and not line.startswith("#")]
+    assert sorted(keys) == sorted(f.name.upper() for f in fields(cfg.Settings))
+    assert cfg.load_settings(example, environ={}) == cfg.Settings()
