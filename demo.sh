@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# The whole pipeline on the embedded default: generated demo sessions + a tiny Gemma 3 built locally.
+# No network, no GPU. Everything goes under $DEMO_DIR (default demo_output/).
+set -euo pipefail
+cd "$(dirname "$0")"
+./init.sh
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 WANDB_MODE=offline \
+       WANDB_SILENT=true PYTHONUNBUFFERED=1
+PY=.venv/bin/python
+DEMO_DIR=${DEMO_DIR:-demo_output}
+SESSIONS=${DEMO_SESSIONS:-600}
+TRAIN_STEPS=${DEMO_TRAIN_STEPS:-300}
+PORT=${DEMO_PORT:-8765}
+mkdir -p "$DEMO_DIR"
+TINY=$DEMO_DIR/tiny-gemma3 DATA=$DEMO_DIR/data RUN=$DEMO_DIR/run DEMO_ENV=$DEMO_DIR/demo.env
+START=$(date +%s)
+stage() { printf '\n== [%4ss] %s\n' "$(( $(date +%s) - START ))" "$*"; }
+
+stage "tiny Gemma 3 (random weights, built from a config)"
+$PY scripts/make_tiny_model.py --output_dir "$TINY" --seed 0
+
+stage "demo sessions (Eevee v1 V3 runs with rendered frames)"
+$PY scripts/make_demo_sessions.py --output_dir "$DEMO_DIR/sessions" --sessions "$SESSIONS" --seed 0 --overwrite
+
+stage "convert to 4-frame JSONL"
+$PY scripts/convert_eevee_data_v2.py --eevee_data_dir "$DEMO_DIR/sessions" --output_dir "$DATA" --copy_images --workers 2
+
+# The demo's own settings file: the batch-size finder rewrites BATCH_SIZE/GRAD_ACCUM in it.
+[ -f "$DEMO_ENV" ] || printf '# demo settings (demo.sh)\nMODEL_NAME=%s\nBATCH_SIZE=1\nGRAD_ACCUM=16\n' "$TINY" > "$DEMO_ENV"
+
+stage "validate data, token budget and environment"
+$PY scripts/validate_training.py --env_file "$DEMO_ENV" --dataset_path "$DATA/train.jsonl" --model_name "$TINY" \
+    --output "$DEMO_DIR/validation_report.json"
+
+stage "find the batch size (real training steps, one child process per probe)"
+$PY scripts/find_batch_size.py --env_file "$DEMO_ENV" --dataset_path "$DATA/train.jsonl" --model_name "$TINY" \
+    --no-use_peft --max_batch_size 16 --target_effective_batch 16 --output "$DEMO_DIR/batch_size_results.json" --update_env
+BATCH_SIZE=$(sed -n 's/^BATCH_SIZE=//p' "$DEMO_ENV" | tail -1)
+GRAD_ACCUM=$(sed -n 's/^GRAD_ACCUM=//p' "$DEMO_ENV" | tail -1)
+echo "batch size $BATCH_SIZE x grad accum $GRAD_ACCUM"
+
+stage "train (hand-written accelerate loop, $TRAIN_STEPS steps)"
+ACCELERATE_CONFIG=accelerate_configs/cpu.yaml PYTHON=$PY ./train_gemma3.sh \
+    --model_name "$TINY" --dataset_path "$DATA/train.jsonl" --eval_dataset_path "$DATA/val.jsonl" \
+    --output_dir "$RUN" --max_steps "$TRAIN_STEPS" --batch_size "$BATCH_SIZE" --grad_accum "$GRAD_ACCUM" \
+    --learning_rate 1e-3 --warmup_ratio 0.05 --lora_r 16 --lora_alpha 32 --lora_dropout 0.0 \
+    --lora_targets language+vision --eval_steps 100 --save_steps 100 --eval_max_samples 128 --logging_steps 10 \
+    --report_to none --seed 0
+$PY scripts/plot_training.py --run_dir "$RUN"
+
+stage "evaluate on held-out sessions, and with black frames"
+$PY scripts/evaluate.py --model_name "$RUN" --dataset_path "$DATA/test.jsonl" --train_dataset_path "$DATA/train.jsonl" \
+    --output_dir "$DEMO_DIR/eval"
+$PY scripts/evaluate.py --model_name "$RUN" --dataset_path "$DATA/test.jsonl" --train_dataset_path "$DATA/train.jsonl" \
+    --output_dir "$DEMO_DIR/eval_blank" --blank_frames
+$PY scripts/evaluate.py --compare "$DEMO_DIR/eval" "$DEMO_DIR/eval_blank"
+
+stage "merge LoRA into the base and export to MLX"
+$PY scripts/merge_qlora.py --base_model "$TINY" --lora_path "$RUN" --output_path "$DEMO_DIR/merged" --dtype fp32 \
+    --verify_data "$DATA/val.jsonl" --overwrite
+# The tiny model's 64-wide rows make 4-bit too coarse (verification fails); real models use 4.
+$PY scripts/convert_to_mlx.py --model_path "$DEMO_DIR/merged" --output_path "$DEMO_DIR/mlx" --quantization_bits none \
+    --verify_data "$DATA/val.jsonl" --overwrite
+$PY scripts/evaluate.py --model_name "$DEMO_DIR/mlx" --dataset_path "$DATA/test.jsonl" \
+    --train_dataset_path "$DATA/train.jsonl" --output_dir "$DEMO_DIR/eval_mlx"
+echo "PyTorch adapter vs MLX export:"
+$PY scripts/evaluate.py --compare "$DEMO_DIR/eval" "$DEMO_DIR/eval_mlx"
+
+stage "serve the merged model and watch it with the health monitor"
+$PY scripts/inference_server.py --model_path "$DEMO_DIR/merged" --port "$PORT" >"$DEMO_DIR/server.log" 2>&1 &
+SERVER_PID=$!
+trap 'kill -TERM "$SERVER_PID" 2>/dev/null || true' EXIT
+$PY scripts/health_monitor.py --server_url "http://127.0.0.1:$PORT" --wait_ready 180 --max_checks 3 --interval 1 \
+    --latency_threshold_ms 30000 --output "$DEMO_DIR/status.jsonl"
+kill -TERM "$SERVER_PID"; wait "$SERVER_PID" || true
+trap - EXIT
+
+stage "production pipeline: merge -> evaluate -> gate -> MLX -> evaluate -> register -> serve -> monitor -> promote"
+$PY scripts/setup_wandb.py --validate
+$PY scripts/production_pipeline.py --checkpoint "$RUN" --eval_dataset "$DATA/test.jsonl" \
+    --output_dir "$DEMO_DIR/pipeline" --registry_db "$DEMO_DIR/registry.db" --name pokemon-gemma-demo \
+    --min_accuracy 0.3 --mlx_bits none --mlx_verify_samples 16 --serve --port "$PORT" --monitor_checks 3
+$PY scripts/model_registry.py --registry_db "$DEMO_DIR/registry.db" list
+
+stage "done"
+echo "evaluation:      $DEMO_DIR/eval/eval_report.md (black frames: $DEMO_DIR/eval_blank/eval_report.md)"
+echo "training curves: $RUN/training_curves.png"
+echo "pipeline report: $DEMO_DIR/pipeline/pipeline_report.md"
