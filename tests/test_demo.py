@@ -193,7 +193,11 @@ def read_scene(frame: np.ndarray) -> Scene:
     return Scene(tiles, player, facing, kind, goal)
 
 
-def test_every_label_is_the_expert_button_of_its_last_frame_read_from_pixels(demo_dir):
+@pytest.mark.parametrize("variant", ["default", "paths+grid"])
+def test_every_label_is_the_expert_button_of_its_last_frame_read_from_pixels(demo_dir, tmp_path, variant):
+    if variant != "default":
+        demo_dir = tmp_path / "variant"
+        write_demo_sessions(demo_dir, sessions=6, seed=3, paths=2, grid_lines=True)
     checked = Counter()
     for sdir in sorted((demo_dir / "runs").iterdir()):
         data = json.loads((sdir / "session_data.json").read_text())
