@@ -1,16 +1,18 @@
 """Procedural demo sessions in the Eevee v1 V3 run format: the embedded default dataset of demo.sh.
 
-Each session is one 8x8 tile world of 30x20 px tiles rendered to a 240x160 RGB frame (the real
-recordings' grid: the tiny model's processor squashes a frame to 64x64, so one tile is exactly one
-8x8 vision patch). Grass and paths are walkable, trees and water are not; the goal is a house door
-or a villager (NPC). An expert policy picks every turn's button from what the frame shows:
+The screen is 8x8 tiles of 30x20 px rendered to a 240x160 RGB frame (the real recordings' grid: the
+tiny model's processor squashes a frame to 64x64, so one tile is exactly one 8x8 vision patch).
+By default each session is a 12x12 world seen through a camera that follows the player, who stays
+on screen tile (4, 4) like in the real game; `world_size=8` shows a whole 8x8 world instead.
+Grass and paths are walkable, trees and water are not; the goal is a house door or a villager
+(NPC), always on screen. An expert policy picks every turn's button from what the frame shows:
 
 * a dialogue box with a red arrow -> `a`; a dialogue box with a YES/NO menu -> `b` (decline);
 * next to the goal and facing it -> `a` (opens the goal's dialogue), next to it but facing away ->
   the direction towards it (turns the player);
-* otherwise one step along a shortest path, preferring the axis perpendicular to the way the
-  player faces when both axes are shortest (zig-zag: a straight-line expert makes "repeat the
-  last button" score ~60%, this keeps it near 30%).
+* otherwise one step along a shortest on-screen path, preferring the axis perpendicular to the
+  way the player faces when both axes are shortest (zig-zag: a straight-line expert makes "repeat
+  the last button" score ~60%, this keeps it near 30%).
 
 After a goal's dialogue closes, a new goal appears in the same world. The only text a converter
 can put in the context is the session goal sentence, drawn independently of the world, so the
@@ -43,6 +45,7 @@ FRAME_W, FRAME_H = GRID * TILE_W, GRID * TILE_H  # 240 x 160, the GBA screen
 
 GRASS, PATH, TREE, WATER, ROOF, WALL, DOOR = range(7)
 GROUND = (GRASS, PATH)
+CENTRE = (4, 4)  # the player's tile on screen when the camera follows (the real overlay's centre tile)
 DIRECTIONS = {"up": (0, -1), "down": (0, 1), "left": (-1, 0), "right": (1, 0)}
 AXIS = {"up": "v", "down": "v", "left": "h", "right": "h"}
 DEMO_BUTTONS = ("up", "down", "left", "right", "a", "b")
@@ -102,7 +105,8 @@ class Scene:
 
 
 def walkable(scene: Scene, x: int, y: int) -> bool:
-    return 0 <= x < GRID and 0 <= y < GRID and scene.tiles[y, x] in GROUND and (x, y) != scene.goal
+    height, width = scene.tiles.shape
+    return 0 <= x < width and 0 <= y < height and scene.tiles[y, x] in GROUND and (x, y) != scene.goal
 
 
 def stand_tiles(scene: Scene) -> list[tuple[int, int]]:
@@ -177,28 +181,57 @@ def apply_button(scene: Scene, button: str, rng: random.Random, question_rate: f
         scene.text_seed = rng.randrange(1 << 16)
 
 
-def make_world(rng: random.Random, paths: int = 0) -> Scene:
-    """Grass, up to `paths` straight paths, scattered trees and ponds; the player on a well-connected tile."""
+def make_world(rng: random.Random, paths: int = 0, size: int = GRID) -> Scene:
+    """A size x size world: grass, up to `paths` straight paths, scattered trees and ponds (about
+    one obstacle per 9 tiles); the player on a well-connected tile."""
+    scale = size * size / (GRID * GRID)
     while True:
-        tiles = np.full((GRID, GRID), GRASS, dtype=np.int8)
+        tiles = np.full((size, size), GRASS, dtype=np.int8)
         for _ in range(rng.randint(0, paths)):
             if rng.random() < 0.5:
-                tiles[rng.randrange(GRID), :] = PATH
+                tiles[rng.randrange(size), :] = PATH
             else:
-                tiles[:, rng.randrange(GRID)] = PATH
-        for _ in range(rng.randint(3, 7)):
-            x, y = rng.randrange(GRID), rng.randrange(GRID)
+                tiles[:, rng.randrange(size)] = PATH
+        for _ in range(rng.randint(round(3 * scale), round(7 * scale))):
+            x, y = rng.randrange(size), rng.randrange(size)
             if tiles[y, x] == GRASS:
                 tiles[y, x] = TREE
-        for _ in range(rng.randint(0, 2)):
+        for _ in range(rng.randint(0, round(2 * scale))):
             w, h = rng.choice([(2, 1), (1, 2), (2, 2)])
-            x, y = rng.randrange(GRID - w + 1), rng.randrange(GRID - h + 1)
+            x, y = rng.randrange(size - w + 1), rng.randrange(size - h + 1)
             block = tiles[y:y + h, x:x + w]
             block[block == GRASS] = WATER
-        ground = [(x, y) for y in range(GRID) for x in range(GRID) if tiles[y, x] in GROUND]
+        ground = [(x, y) for y in range(size) for x in range(size) if tiles[y, x] in GROUND]
         scene = Scene(tiles=tiles, player=rng.choice(ground), facing=rng.choice(list(DIRECTIONS)))
-        if len(_reachable(scene, scene.player)) >= 30:
+        if len(_reachable(scene, scene.player)) >= 30 * scale:
             return scene
+
+
+def view_of(scene: Scene) -> Scene:
+    """What the screen shows: an 8x8 window of the world. A world larger than the screen is seen
+    through a camera that follows the player, who stays on tile (4, 4) like in the real game (and
+    the real overlay's centre tile); outside the world is forest. An 8x8 world is shown whole."""
+    height, width = scene.tiles.shape
+    if (height, width) == (GRID, GRID):
+        return Scene(scene.tiles.copy(), scene.player, scene.facing, scene.goal_kind, scene.goal,
+                     list(scene.house), list(scene.pages), scene.goal_dialogue, scene.text_seed)
+    ox, oy = scene.player[0] - CENTRE[0], scene.player[1] - CENTRE[1]
+    tiles = np.full((GRID, GRID), TREE, dtype=np.int8)
+    x0, y0, x1, y1 = max(ox, 0), max(oy, 0), min(ox + GRID, width), min(oy + GRID, height)
+    tiles[y0 - oy:y1 - oy, x0 - ox:x1 - ox] = scene.tiles[y0:y1, x0:x1]
+    gx, gy = scene.goal[0] - ox, scene.goal[1] - oy
+    goal = (gx, gy) if scene.goal != (-1, -1) and 0 <= gx < GRID and 0 <= gy < GRID else (-1, -1)
+    return Scene(tiles, CENTRE, scene.facing, scene.goal_kind, goal, [(x - ox, y - oy) for x, y in scene.house],
+                 list(scene.pages), scene.goal_dialogue, scene.text_seed)
+
+
+def goal_reachable(scene: Scene, min_steps: int = 0) -> bool:
+    """The goal is on screen and reachable through on-screen tiles (so the frame shows the way)."""
+    view = view_of(scene)
+    if view.goal == (-1, -1):
+        return False
+    steps = distance_map(view).get(view.player)
+    return steps is not None and steps >= min_steps
 
 
 def _reachable(scene: Scene, start: tuple[int, int]) -> set[tuple[int, int]]:
@@ -213,25 +246,27 @@ def _reachable(scene: Scene, start: tuple[int, int]) -> set[tuple[int, int]]:
     return seen
 
 
-def place_goal(scene: Scene, rng: random.Random, min_steps: int = 2) -> None:
-    """Put a new door (with its 2x2 house) or villager somewhere the player can reach."""
+def place_goal(scene: Scene, rng: random.Random, min_steps: int = 3) -> None:
+    """Put a new door (with its 2x2 house) or villager on screen where the player can reach it."""
+    height, width = scene.tiles.shape
+    ox, oy = (0, 0) if (height, width) == (GRID, GRID) else (scene.player[0] - CENTRE[0], scene.player[1] - CENTRE[1])
     for _ in range(500):
         kind = rng.choice(["npc", "door"])
         if kind == "npc":
-            goal, house = (rng.randrange(GRID), rng.randrange(GRID)), []
+            goal, house = (ox + rng.randrange(GRID), oy + rng.randrange(GRID)), []
         else:
-            hx, hy = rng.randrange(GRID - 1), rng.randrange(GRID - 2)
+            hx, hy = ox + rng.randrange(GRID - 1), oy + rng.randrange(GRID - 2)
             house = [(hx, hy), (hx + 1, hy), (hx, hy + 1), (hx + 1, hy + 1)]
             goal = (hx + rng.randint(0, 1), hy + 1)
         cells = house or [goal]
-        if any(scene.tiles[y, x] not in GROUND or (x, y) == scene.player for x, y in cells):
+        if any(not (0 <= x < width and 0 <= y < height) or scene.tiles[y, x] not in GROUND
+               or (x, y) == scene.player for x, y in cells):
             continue
         saved = scene.tiles.copy()
         for x, y in house:
             scene.tiles[y, x] = DOOR if (x, y) == goal else ROOF if y == house[0][1] else WALL
         scene.goal_kind, scene.goal, scene.house = kind, goal, house
-        steps = distance_map(scene).get(scene.player)
-        if steps is not None and steps >= min_steps:
+        if goal_reachable(scene, min_steps):
             return
         scene.tiles, scene.goal, scene.house = saved, (-1, -1), []
     raise RuntimeError("could not place a reachable goal")  # the connectivity check makes this unreachable
@@ -385,7 +420,7 @@ class DemoTurn:
     reasoning: str
     observations: str
     context_detected: str
-    scene: Scene  # a copy of the state the frame shows
+    scene: Scene  # the on-screen state the frame shows
 
 
 @dataclass
@@ -420,7 +455,7 @@ def explain(scene: Scene, button: str) -> tuple[str, str, str]:
 
 def generate_session(seed: int, index: int, min_turns: int = 8, max_turns: int = 16,
                      dialogue_rate: float = 0.08, question_rate: float = 0.7, paths: int = 0,
-                     grid_lines: bool = False) -> DemoSession:
+                     grid_lines: bool = False, world_size: int = 12) -> DemoSession:
     """One session: a world, goals one after another, `min_turns..max_turns` expert turns."""
     if not 4 <= min_turns <= max_turns:
         raise ValueError(f"need 4 <= min_turns <= max_turns, got {min_turns}..{max_turns}")
@@ -431,7 +466,9 @@ def generate_session(seed: int, index: int, min_turns: int = 8, max_turns: int =
     base = datetime(2025, 7, 1, 8, 0, 0) + timedelta(days=seed % 3000)
     start = base + timedelta(seconds=index * (max_turns * 14 + 120) + rng.randrange(60),
                              microseconds=rng.randrange(1_000_000))
-    scene = make_world(rng, paths)
+    if world_size < GRID:
+        raise ValueError(f"world_size must be >= {GRID}, got {world_size}")
+    scene = make_world(rng, paths, world_size)
     place_goal(scene, rng)
     turns = []
     for t in range(1, n_turns + 1):
@@ -439,12 +476,16 @@ def generate_session(seed: int, index: int, min_turns: int = 8, max_turns: int =
         if not scene.pages and rng.random() < dialogue_rate:
             scene.pages = [rng.choice(["text", "question"])]
             scene.text_seed = rng.randrange(1 << 16)
-        button = expert_button(scene)
-        reasoning, observations, context = explain(scene, button)
-        snapshot = Scene(scene.tiles.copy(), scene.player, scene.facing, scene.goal_kind, scene.goal,
-                         list(scene.house), list(scene.pages), scene.goal_dialogue, scene.text_seed)
-        turns.append(DemoTurn(t, button, render(scene, grid_lines), reasoning, observations, context, snapshot))
+        # The expert decides from the screen alone: its button is a function of the frame.
+        view = view_of(scene)
+        button = expert_button(view)
+        reasoning, observations, context = explain(view, button)
+        turns.append(DemoTurn(t, button, render(view, grid_lines), reasoning, observations, context, view))
         apply_button(scene, button, rng, question_rate)
+        if not scene.pages and not goal_reachable(scene):
+            # Rare: the way to the goal left the screen; the goal moves somewhere visible.
+            remove_goal(scene)
+            place_goal(scene, rng, min_steps=1)
     return DemoSession(start.strftime("%Y%m%d_%H%M%S"), goal_text, start, turns)
 
 
@@ -527,8 +568,8 @@ class DemoOutputError(ValueError):
 
 def write_demo_sessions(output_dir: str | Path, sessions: int, seed: int = 0, min_turns: int = 8,
                         max_turns: int = 16, dialogue_rate: float = 0.08, question_rate: float = 0.7,
-                        paths: int = 0, grid_lines: bool = False, overwrite: bool = False,
-                        progress: Callable | None = None) -> dict:
+                        paths: int = 0, grid_lines: bool = False, world_size: int = 12,
+                        overwrite: bool = False, progress: Callable | None = None) -> dict:
     """Write `sessions` demo sessions to `output_dir/runs/` and a manifest; return the summary.
 
     An existing `runs/` with sessions is refused unless `overwrite`, and then only the sessions
@@ -553,7 +594,8 @@ def write_demo_sessions(output_dir: str | Path, sessions: int, seed: int = 0, mi
     labels: Counter = Counter()
     ids, n_turns, repeats = [], 0, 0
     for index in (progress or (lambda it: it))(range(sessions)):
-        session = generate_session(seed, index, min_turns, max_turns, dialogue_rate, question_rate, paths, grid_lines)
+        session = generate_session(seed, index, min_turns, max_turns, dialogue_rate, question_rate, paths,
+                                   grid_lines, world_size)
         write_session(session, runs_dir)
         ids.append(session.session_id)
         buttons = [t.button for t in session.turns]
@@ -564,7 +606,7 @@ def write_demo_sessions(output_dir: str | Path, sessions: int, seed: int = 0, mi
         "generator": "pokemon_gemma.demo", "format": "eevee-v1 V3",
         "params": {"sessions": sessions, "seed": seed, "min_turns": min_turns, "max_turns": max_turns,
                    "dialogue_rate": dialogue_rate, "question_rate": question_rate, "paths": paths,
-                   "grid_lines": grid_lines},
+                   "grid_lines": grid_lines, "world_size": world_size},
         "turns": n_turns,
         "labels": dict(sorted(labels.items(), key=lambda kv: -kv[1])),
         "majority_share": round(max(labels.values()) / n_turns, 4) if n_turns else 0.0,

@@ -32,11 +32,16 @@ def main(argv=None) -> int:
     parser.add_argument("--paths", type=int, default=0,
                         help="up to this many straight path strips per world (walkable; default 0: plain grass "
                              "learns fastest)")
+    parser.add_argument("--world_size", type=int, default=12,
+                        help="world width and height in tiles, >= 8; above 8 the camera follows the player, who stays "
+                             "on screen tile (4,4) like in the real game (default 12)")
     parser.add_argument("--grid_lines", action="store_true",
                         help="draw the real recordings' light-grey 8x8 tile grid (off by default: clutter for a tiny model)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the sessions of an earlier run of this script in OUTPUT_DIR (nothing else is removed)")
     args = parser.parse_args(argv)
+    if args.world_size < 8:
+        parser.error("--world_size must be at least 8 (the screen is 8x8 tiles)")
     if args.paths < 0:
         parser.error("--paths must be >= 0")
     if args.sessions < 1:
@@ -50,7 +55,7 @@ def main(argv=None) -> int:
         summary = write_demo_sessions(
             args.output_dir, args.sessions, seed=args.seed, min_turns=args.min_turns, max_turns=args.max_turns,
             dialogue_rate=args.dialogue_rate, question_rate=args.question_rate, paths=args.paths,
-            grid_lines=args.grid_lines, overwrite=args.overwrite,
+            grid_lines=args.grid_lines, world_size=args.world_size, overwrite=args.overwrite,
             progress=lambda it: tqdm(it, desc="demo sessions", unit="session", file=sys.stderr),
         )
     except DemoOutputError as exc:

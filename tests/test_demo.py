@@ -327,3 +327,17 @@ def test_converted_windows_carry_the_expert_labels_and_stay_balanced(tmp_path):
         repeats += md["previous_buttons"][-1] == button
         labels[button] += 1
     assert labels.most_common(1)[0][1] / len(rows) < 0.45 and repeats / len(rows) < 0.45
+
+
+def test_camera_follows_the_player_in_a_larger_world_and_shows_a_small_world_whole():
+    follow = [read_scene(t.frame) for i in range(3) for t in generate_session(9, i).turns if not t.scene.pages]
+    assert follow and all(s.player == demo.CENTRE for s in follow)  # like the real game's centre tile
+    fixed = [read_scene(t.frame) for i in range(3) for t in generate_session(9, i, world_size=8).turns
+             if not t.scene.pages]
+    assert len({s.player for s in fixed}) > 3
+    world = open_world((0, 0), "up", (2, 1))  # player in the top-left corner of a 12x12 world
+    world.tiles = np.full((12, 12), GRASS, dtype=np.int8)
+    view = demo.view_of(world)
+    assert view.player == demo.CENTRE and view.goal == (6, 5)
+    assert (view.tiles[:4, :] == TREE).all() and (view.tiles[:, :4] == TREE).all()  # outside the world: forest
+    assert expert_button(view) == expert_button(world) == "right"  # across the facing (up)
