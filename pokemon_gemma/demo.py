@@ -617,6 +617,6 @@ def write_demo_sessions(output_dir: str | Path, sessions: int, seed: int = 0, mi
     return summary
 
 
-__all__ = ["GRID", "TILE_W", "TILE_H", "FRAME_W", "FRAME_H", "GOAL_SENTENCES", "Scene", "DemoSession",
-           "DemoOutputError", "expert_button", "apply_button", "render", "make_world", "place_goal",
+__all__ = ["GRID", "TILE_W", "TILE_H", "FRAME_W", "FRAME_H", "CENTRE", "GOAL_SENTENCES", "Scene", "DemoSession",
+           "view_of", "DemoOutputError", "expert_button", "apply_button", "render", "make_world", "place_goal",
            "generate_session", "session_json", "write_session", "write_demo_sessions"]
