@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 ./init.sh
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 WANDB_MODE=offline \
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 WANDB_MODE=offline \
        WANDB_SILENT=true PYTHONUNBUFFERED=1
 PY=.venv/bin/python
 DEMO_DIR=${DEMO_DIR:-demo_output}
@@ -77,9 +77,16 @@ trap - EXIT
 
 stage "production pipeline: merge -> evaluate -> gate -> MLX -> evaluate -> register -> serve -> monitor -> promote"
 $PY scripts/setup_wandb.py --validate
-$PY scripts/production_pipeline.py --checkpoint "$RUN" --eval_dataset "$DATA/test.jsonl" \
+# The gate: the model must beat the best trivial baseline (majority / repeat-last) on the held-out set.
+GATE=$($PY -c 'import json,sys; b=json.load(open(sys.argv[1]))["baselines"]; print(max(b["majority"]["accuracy"], b["repeat_last"]["accuracy"]))' "$DEMO_DIR/eval/eval_report.json")
+if ! $PY scripts/production_pipeline.py --checkpoint "$RUN" --eval_dataset "$DATA/test.jsonl" \
     --output_dir "$DEMO_DIR/pipeline" --registry_db "$DEMO_DIR/registry.db" --name pokemon-gemma-demo \
-    --min_accuracy 0.3 --mlx_bits none --mlx_verify_samples 16 --serve --port "$PORT" --monitor_checks 3
+    --min_accuracy "$GATE" --mlx_bits none --mlx_verify_samples 16 --serve --port "$PORT" --monitor_checks 3; then
+  # A gate refusal is the pipeline doing its job; any other failed stage is a real error.
+  FAILED=$($PY -c 'import json,sys; s=json.load(open(sys.argv[1])); print(next((k for k,v in s.get("stages",{}).items() if v.get("status")=="failed"), "?"))' "$DEMO_DIR/pipeline/pipeline_state.json")
+  [ "$FAILED" = gate ] || { echo "error: production pipeline failed at stage $FAILED" >&2; exit 1; }
+  echo "the gate refused this model (held-out accuracy not above the best baseline $GATE): nothing was registered"
+fi
 $PY scripts/model_registry.py --registry_db "$DEMO_DIR/registry.db" list
 
 stage "done"
