@@ -9,7 +9,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false HF_HUB
 PY=.venv/bin/python
 DEMO_DIR=${DEMO_DIR:-demo_output}
 SESSIONS=${DEMO_SESSIONS:-600}
-TRAIN_STEPS=${DEMO_TRAIN_STEPS:-300}
+EPOCHS=${DEMO_EPOCHS:-3}
 PORT=${DEMO_PORT:-8765}
 mkdir -p "$DEMO_DIR"
 TINY=$DEMO_DIR/tiny-gemma3 DATA=$DEMO_DIR/data RUN=$DEMO_DIR/run DEMO_ENV=$DEMO_DIR/demo.env
@@ -39,12 +39,12 @@ BATCH_SIZE=$(sed -n 's/^BATCH_SIZE=//p' "$DEMO_ENV" | tail -1)
 GRAD_ACCUM=$(sed -n 's/^GRAD_ACCUM=//p' "$DEMO_ENV" | tail -1)
 echo "batch size $BATCH_SIZE x grad accum $GRAD_ACCUM"
 
-stage "train (hand-written accelerate loop, $TRAIN_STEPS steps)"
+stage "train a LoRA adapter (hand-written accelerate loop, $EPOCHS epochs)"
 ACCELERATE_CONFIG=accelerate_configs/cpu.yaml PYTHON=$PY ./train_gemma3.sh \
     --model_name "$TINY" --dataset_path "$DATA/train.jsonl" --eval_dataset_path "$DATA/val.jsonl" \
-    --output_dir "$RUN" --max_steps "$TRAIN_STEPS" --batch_size "$BATCH_SIZE" --grad_accum "$GRAD_ACCUM" \
-    --learning_rate 1e-3 --warmup_ratio 0.05 --lora_r 16 --lora_alpha 32 --lora_dropout 0.0 \
-    --lora_targets language+vision --eval_steps 100 --save_steps 100 --eval_max_samples 128 --logging_steps 10 \
+    --output_dir "$RUN" --num_epochs "$EPOCHS" --batch_size "$BATCH_SIZE" --grad_accum "$GRAD_ACCUM" \
+    --learning_rate 3e-3 --warmup_ratio 0.03 --lora_r 32 --lora_alpha 64 --lora_dropout 0.0 \
+    --lora_targets language+vision --eval_steps 270 --save_steps 270 --eval_max_samples 128 --logging_steps 20 \
     --report_to none --seed 0
 $PY scripts/plot_training.py --run_dir "$RUN"
 
