@@ -16,7 +16,6 @@ the button chosen by the export vs PyTorch with and without `token_type_ids` on 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -34,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 from .dataset import QUESTION, Record, load_records, make_output
-from .fileio import atomic_write_json
+from .fileio import atomic_write_json, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +75,6 @@ def package_versions() -> dict[str, str | None]:
         except PackageNotFoundError:
             out[name] = None
     return out
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _now() -> str:

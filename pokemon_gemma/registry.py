@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from pokemon_gemma.config import mask_secrets
-from pokemon_gemma.fileio import atomic_write_json
+from pokemon_gemma.fileio import atomic_write_json, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -101,14 +101,6 @@ def current_user() -> str:
 
 # --------------------------------------------------------------------------- checkpoint facts
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def weight_files(checkpoint: Path) -> list[Path]:
     """The files whose bytes define the model: weights (top level) and adapter definitions."""
     if checkpoint.is_file():
@@ -128,7 +120,7 @@ def hash_checkpoint(checkpoint: Path) -> tuple[str, dict[str, str], int]:
     size = 0
     for p in files:
         rel = p.name
-        per_file[rel] = sha256_file(p)
+        per_file[rel] = file_sha256(p)
         size += p.stat().st_size
     combined = hashlib.sha256("".join(f"{k}\0{v}\n" for k, v in sorted(per_file.items())).encode()).hexdigest()
     return combined, per_file, size
@@ -202,7 +194,7 @@ def dataset_facts(run_config: dict | None, run_config_path: Path | None) -> tupl
     if path and not sha:
         for candidate in (Path(path), (run_config_path.parent / path) if run_config_path else None):
             if candidate is not None and candidate.is_file():
-                sha = sha256_file(candidate)
+                sha = file_sha256(candidate)
                 break
     return (str(path) if path else None), sha
 
@@ -382,7 +374,7 @@ class Registry:
             f = path if path.is_file() else base / rel
             if not f.is_file():
                 missing.append(rel)
-            elif sha256_file(f) != sha:
+            elif file_sha256(f) != sha:
                 changed.append(rel)
         current = {p.name for p in weight_files(path)} if path.is_dir() else set()
         added = sorted(current - set(v.files))

@@ -9,7 +9,6 @@ eval, save. Normalising by the step's token count makes batch 4 x accum 1, batch
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import math
@@ -28,7 +27,7 @@ from . import checkpoint as ckpt
 from .collate import Collator, SampleError
 from .config import Settings, add_settings_args, load_settings_or_exit, setup_logging, settings_from_args
 from .dataset import Record, RecordError, load_records
-from .fileio import JsonlError, atomic_write_json
+from .fileio import JsonlError, atomic_write_json, file_sha256
 from .loss import loss_sum
 from .modeling import DTYPES, ModelLoadError, apply_lora, load_model, load_processor
 from .scoring import ButtonScorer
@@ -153,14 +152,6 @@ def filter_trainable_samples(records: list[Record], collator: Collator, name: st
     if not kept:
         raise TrainingError(f"{name}: no sample fits --max_seq_length {collator.max_seq_length}")
     return kept
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class MetricsLog:
