@@ -112,19 +112,9 @@ class ButtonScorer:
         frames = [self.collator.frames.load(p) for p in record.frames]
         return self.score(frames, record.context, record.question)
 
-    @torch.no_grad()
     def generate(self, frames: list[Image.Image], context: str, question: str, max_new_tokens: int = 96) -> str:
         """Greedy answer text (the model's JSON, unparsed)."""
-        images = self.collator.images_for([], frames)
-        prompt = self.collator.prompt_text(context, question)
-        enc = self.processor(text=[prompt], images=[images], return_tensors="pt", add_special_tokens=False)
-        enc = {k: v.to(self.device) for k, v in enc.items()}
-        enc["pixel_values"] = enc["pixel_values"].to(self.dtype)
-        eot = self.collator.end_of_turn_id
-        out = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                  eos_token_id=[self.tokenizer.eos_token_id, eot],
-                                  pad_token_id=self.tokenizer.pad_token_id)
-        return self.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        return self.generate_batch([(frames, context, question)], max_new_tokens)[0]
 
     @torch.no_grad()
     def generate_batch(self, items: list[tuple[list[Image.Image], str, str]], max_new_tokens: int = 96) -> list[str]:
