@@ -38,7 +38,7 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
 else
   TORCH_KIND=cpu
 fi
-STAMP=".venv/.pokemon-gemma-$(cat requirements.txt requirements-dev.txt init.sh | sha256sum | cut -c1-16)-$TORCH_KIND-dev$DEV"
+STAMP=".venv/.pokemon-gemma-$(cat requirements.txt requirements-dev.txt pyproject.toml init.sh | sha256sum | cut -c1-16)-$TORCH_KIND-dev$DEV"
 if [ -f "$STAMP" ]; then
   say "environment up to date ($STAMP)"; exit 0
 fi
@@ -59,20 +59,15 @@ else
   pip_install "torch==$TORCH_VERSION"
 fi
 
-say "installing pinned requirements"
+say "installing pinned requirements (MLX: mlx[cpu] on Linux, mlx on macOS)"
 pip_install -r requirements.txt
-if [ "$OS" = Darwin ]; then
-  say "macOS: installing mlx + mlx-vlm"
-  pip_install "mlx==0.32.4" "mlx-vlm==0.7.10"
-else
-  # Plain `mlx` on Linux is a stub that fails to import: the CPU backend is the [cpu] extra.
-  say "Linux: installing mlx[cpu] + mlx-vlm[cpu]"
-  pip_install "mlx[cpu]==0.32.4" "mlx-vlm[cpu]==0.7.10"
-fi
 if [ "$DEV" = 1 ]; then
   say "installing test tools"
   pip_install -r requirements-dev.txt
 fi
+say "installing pokemon-gemma in editable mode (console commands pokemon-gemma-*)"
+pip_install "setuptools>=68" wheel
+pip_install --no-deps --no-build-isolation -e .
 
 "$PY" -c "import torch, transformers, peft, accelerate; print(f'[init] torch {torch.__version__} (cuda: {torch.cuda.is_available()}), transformers {transformers.__version__}, peft {peft.__version__}, accelerate {accelerate.__version__}')"
 rm -f .venv/.pokemon-gemma-*

@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Install (if needed) and run the whole test suite. Extra arguments go to pytest.
+# Install (if needed), lint, and run the whole test suite. Extra arguments go to pytest
+# (e.g. ./test.sh -m "not slow" for the quick loop; CI runs everything).
 set -euo pipefail
 cd "$(dirname "$0")"
 ./init.sh --dev
+echo "[test] ruff check + ruff format --check"
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
 # One torch thread: two-thread runs stalled intermittently on the 2-core CI machines.
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 \
        WANDB_MODE=offline WANDB_SILENT=true

@@ -26,9 +26,7 @@ import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from pokemon_gemma.demo import DEMO_BUTTONS, DemoSession, DemoTurn, session_json  # noqa: E402
+from pokemon_gemma.demo import DEMO_BUTTONS, DemoSession, DemoTurn, session_json
 
 
 def _pngs(n: int, seed: int) -> list[bytes]:
@@ -64,8 +62,9 @@ def generate_corpus(root: Path, sessions: int, turns: int, seed: int = 0) -> Pat
         demo_turns = []
         for t in range(1, turns + 1):
             b = rng.choice(DEMO_BUTTONS)
-            demo_turns.append(DemoTurn(t, b, None, f"The path continues {b}.", f"Player on a path, turn {t}.",
-                                       "navigation", None))
+            demo_turns.append(
+                DemoTurn(t, b, None, f"The path continues {b}.", f"Player on a path, turn {t}.", "navigation", None)
+            )
         session = DemoSession(start.strftime("%Y%m%d_%H%M%S"), "explore the town", start, demo_turns)
         data, _ = session_json(session)
         d = runs / f"session_{session.session_id}"
@@ -88,18 +87,31 @@ def child(args) -> int:
     summary = convert_corpus(args.data, args.out, workers=args.workers, progress=False, warn=lambda _: None)
     elapsed = time.perf_counter() - t0
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    print(json.dumps({"elapsed_s": elapsed, "windows": summary["windows"]["produced"],
-                      "frames": summary["frames_checked"], "rss_mb": me.ru_maxrss / 1024,
-                      "child_rss_mb": kids.ru_maxrss / 1024, "cpu_main_s": me.ru_utime + me.ru_stime,
-                      "cpu_pool_s": kids.ru_utime + kids.ru_stime}))
+    print(
+        json.dumps(
+            {
+                "elapsed_s": elapsed,
+                "windows": summary["windows"]["produced"],
+                "frames": summary["frames_checked"],
+                "rss_mb": me.ru_maxrss / 1024,
+                "child_rss_mb": kids.ru_maxrss / 1024,
+                "cpu_main_s": me.ru_utime + me.ru_stime,
+                "cpu_pool_s": kids.ru_utime + kids.ru_stime,
+            }
+        )
+    )
     return 0
 
 
 def measure(data: Path, workers: int) -> dict:
     out = Path(tempfile.mkdtemp(prefix="bench_convert_out_"))
     try:
-        r = subprocess.run([sys.executable, __file__, "--child", "--data", str(data), "--out", str(out),
-                            "--workers", str(workers)], capture_output=True, text=True, check=False)
+        r = subprocess.run(
+            [sys.executable, __file__, "--child", "--data", str(data), "--out", str(out), "--workers", str(workers)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if r.returncode != 0:
             raise SystemExit(f"error: converter child failed:\n{r.stderr[-2000:]}")
         return json.loads(r.stdout.strip().splitlines()[-1])
@@ -111,9 +123,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sessions", type=int, default=500, help="sessions in the full corpus (default: 500)")
     parser.add_argument("--turns", type=int, default=100, help="frames (turns) per session (default: 100)")
-    parser.add_argument("--corpus_dir", default=str(Path(tempfile.gettempdir()) / "pokemon_gemma_bench_convert"),
-                        help="where the generated corpus is kept and reused")
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs per worker count; the best is shown (default: 2)")
+    parser.add_argument(
+        "--corpus_dir",
+        default=str(Path(tempfile.gettempdir()) / "pokemon_gemma_bench_convert"),
+        help="where the generated corpus is kept and reused",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="timed runs per worker count; the best is shown (default: 2)"
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -137,20 +154,37 @@ def main(argv=None) -> int:
     from rich.table import Table
 
     table = Table(title="convert_eevee_data_v2 on a generated V3 corpus (each row a fresh process)")
-    for col in ("corpus frames", "workers", "windows", "seconds", "windows/s", "CPU s (main / pool)",
-                "peak RSS MB (main / pool)"):
+    for col in (
+        "corpus frames",
+        "workers",
+        "windows",
+        "seconds",
+        "windows/s",
+        "CPU s (main / pool)",
+        "peak RSS MB (main / pool)",
+    ):
         table.add_column(col, justify="right")
     for n, w, m in ((n_full, 1, w1), (n_full, 2, w2), (n_half, 1, half)):
-        table.add_row(f"{n:,}", str(w), f"{m['windows']:,}", f"{m['elapsed_s']:.1f}",
-                      f"{m['windows'] / m['elapsed_s']:,.0f}", f"{m['cpu_main_s']:.1f} / {m['cpu_pool_s']:.1f}",
-                      f"{m['rss_mb']:.0f} / {m['child_rss_mb']:.0f}")
+        table.add_row(
+            f"{n:,}",
+            str(w),
+            f"{m['windows']:,}",
+            f"{m['elapsed_s']:.1f}",
+            f"{m['windows'] / m['elapsed_s']:,.0f}",
+            f"{m['cpu_main_s']:.1f} / {m['cpu_pool_s']:.1f}",
+            f"{m['rss_mb']:.0f} / {m['child_rss_mb']:.0f}",
+        )
     Console().print(table)
     speed1, speed2 = w1["windows"] / w1["elapsed_s"], w2["windows"] / w2["elapsed_s"]
-    print(f"workers 2 / workers 1 throughput ratio: {speed2 / speed1:.2f}x "
-          f"({speed1:,.0f} vs {speed2:,.0f} windows/s, best of {args.repeats} alternating runs each; "
-          f"load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
-    print(f"peak RSS, workers 1: {half['rss_mb']:.0f} MB at {n_half:,} frames vs {w1['rss_mb']:.0f} MB at "
-          f"{n_full:,} frames (ratio {w1['rss_mb'] / half['rss_mb']:.2f} for 2x the frames)")
+    print(
+        f"workers 2 / workers 1 throughput ratio: {speed2 / speed1:.2f}x "
+        f"({speed1:,.0f} vs {speed2:,.0f} windows/s, best of {args.repeats} alternating runs each; "
+        f"load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)"
+    )
+    print(
+        f"peak RSS, workers 1: {half['rss_mb']:.0f} MB at {n_half:,} frames vs {w1['rss_mb']:.0f} MB at "
+        f"{n_full:,} frames (ratio {w1['rss_mb'] / half['rss_mb']:.2f} for 2x the frames)"
+    )
     return 0
 
 

@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def _p50_ms(fn, samples) -> tuple[float, list[str]]:
@@ -74,13 +71,19 @@ def main(argv=None) -> int:
         agree_b = sum(a == b for a, b in zip(mlx_buttons, pt_bidir)) / len(samples)
         rows.append((bits_text.strip(), mb, mb / src_mb, convert_s, mlx_ms, pt_ms, mlx_ms / pt_ms, agree_c, agree_b))
 
-    print(f"source: {source} ({src_mb:.1f} MB of weights); {len(samples)} fixed samples; PyTorch float32 "
-          f"scoring p50 {pt_ms:.1f} ms")
-    print(f"{'bits':>5} {'MB':>8} {'size/src':>8} {'convert s':>9} {'MLX p50 ms':>10} {'PT p50 ms':>9} "
-          f"{'MLX/PT':>6} {'agree(causal)':>13} {'agree(tti)':>10}")
+    print(
+        f"source: {source} ({src_mb:.1f} MB of weights); {len(samples)} fixed samples; PyTorch float32 "
+        f"scoring p50 {pt_ms:.1f} ms"
+    )
+    print(
+        f"{'bits':>5} {'MB':>8} {'size/src':>8} {'convert s':>9} {'MLX p50 ms':>10} {'PT p50 ms':>9} "
+        f"{'MLX/PT':>6} {'agree(causal)':>13} {'agree(tti)':>10}"
+    )
     for name, mb, ratio, conv, mlx_ms, pt_p50, lat_ratio, ac, ab in rows:
-        print(f"{name:>5} {mb:>8.2f} {ratio:>8.2f} {conv:>9.1f} {mlx_ms:>10.1f} {pt_p50:>9.1f} {lat_ratio:>6.2f} "
-              f"{ac:>13.1%} {ab:>10.1%}")
+        print(
+            f"{name:>5} {mb:>8.2f} {ratio:>8.2f} {conv:>9.1f} {mlx_ms:>10.1f} {pt_p50:>9.1f} {lat_ratio:>6.2f} "
+            f"{ac:>13.1%} {ab:>10.1%}"
+        )
     return 0
 
 

@@ -22,20 +22,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import threading
 import time
 import uuid
 from pathlib import Path
 
+import httpx
+
+from pokemon_gemma.serve.client import predict_payload, synthetic_stream
+from pokemon_gemma.serve.launch import ServerProcess
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-import httpx  # noqa: E402
-
-from pokemon_gemma.serve.client import predict_payload, synthetic_stream  # noqa: E402
-from pokemon_gemma.serve.launch import ServerProcess  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -73,7 +71,11 @@ def load_phase(url: str, payloads: list[dict], clients: int) -> dict:
                 r = c.post("/v1/predict", json=payload)
                 ms = (time.perf_counter() - start) * 1000
                 with lock:
-                    (latencies.append(ms) if r.status_code == 200 else failures.append(f"{r.status_code} {r.text[:80]}"))
+                    (
+                        latencies.append(ms)
+                        if r.status_code == 200
+                        else failures.append(f"{r.status_code} {r.text[:80]}")
+                    )
 
     before = scrape(url)
     start = time.perf_counter()
@@ -88,11 +90,19 @@ def load_phase(url: str, payloads: list[dict], clients: int) -> dict:
         raise SystemExit(f"error: {len(failures)} requests failed, first: {failures[0]}")
     batches = counter(after, "pokemon_batch_size_count") - counter(before, "pokemon_batch_size_count")
     batched = counter(after, "pokemon_batch_size_sum") - counter(before, "pokemon_batch_size_sum")
-    encoded = counter(after, "pokemon_vision_frames_encoded_total") - counter(before, "pokemon_vision_frames_encoded_total")
-    return {"requests": len(latencies), "clients": clients, "p50_ms": percentile(latencies, 50),
-            "p99_ms": percentile(latencies, 99), "mean_ms": statistics.fmean(latencies),
-            "requests_per_s": len(latencies) / wall, "mean_batch": batched / batches if batches else None,
-            "vision_frames_per_request": encoded / len(latencies)}
+    encoded = counter(after, "pokemon_vision_frames_encoded_total") - counter(
+        before, "pokemon_vision_frames_encoded_total"
+    )
+    return {
+        "requests": len(latencies),
+        "clients": clients,
+        "p50_ms": percentile(latencies, 50),
+        "p99_ms": percentile(latencies, 99),
+        "mean_ms": statistics.fmean(latencies),
+        "requests_per_s": len(latencies) / wall,
+        "mean_batch": batched / batches if batches else None,
+        "vision_frames_per_request": encoded / len(latencies),
+    }
 
 
 def run(args) -> dict:
@@ -103,32 +113,39 @@ def run(args) -> dict:
 
         model_path = str(build_tiny_model(work / "tiny", seed=0))
     frames = synthetic_stream(args.stream + 3)
-    windows = [frames[i:i + 4] for i in range(args.stream)]
+    windows = [frames[i : i + 4] for i in range(args.stream)]
     server_args = ["--model_path", model_path, "--log_level", "warning"]
     results: dict = {"model_path": model_path, "threads_per_server": args.threads}
-    with ServerProcess(server_args, log_path=work / "server.log", cwd=work,
-                       env={"OMP_NUM_THREADS": str(args.threads)}) as srv:
+    with ServerProcess(
+        server_args, log_path=work / "server.log", cwd=work, env={"OMP_NUM_THREADS": str(args.threads)}
+    ) as srv:
         url = srv.url
         load_phase(url, [predict_payload(w) for w in windows[:4]], 1)  # warm-up, not measured
         score = [predict_payload(windows[i % len(windows)]) for i in range(args.requests)]
         for clients in (1, 8):
             results[f"score_{clients}_clients"] = load_phase(url, score, clients)
             print(_row(f"score, {clients} client(s)", results[f"score_{clients}_clients"]), flush=True)
-        gen = [{**predict_payload(windows[i % len(windows)], mode="generate"), "max_new_tokens": args.max_new_tokens}
-               for i in range(args.generate_requests)]
+        gen = [
+            {**predict_payload(windows[i % len(windows)], mode="generate"), "max_new_tokens": args.max_new_tokens}
+            for i in range(args.generate_requests)
+        ]
         results["generate_1_client"] = load_phase(url, gen, 1)
         print(_row(f"generate ({args.max_new_tokens} tok), 1 client", results["generate_1_client"]), flush=True)
         session = f"bench-{uuid.uuid4().hex[:8]}"
         results["stream_cache_on"] = load_phase(url, [predict_payload(w, session_id=session) for w in windows], 1)
         results["stream_cache_off"] = load_phase(url, [predict_payload(w) for w in windows], 1)
-        for key, label in (("stream_cache_on", "session stream, cache on"), ("stream_cache_off", "session stream, cache off")):
+        for key, label in (
+            ("stream_cache_on", "session stream, cache on"),
+            ("stream_cache_off", "session stream, cache off"),
+        ):
             print(_row(label, results[key]), flush=True)
     s1, s8, g1 = results["score_1_clients"], results["score_8_clients"], results["generate_1_client"]
     on, off = results["stream_cache_on"], results["stream_cache_off"]
     results["ratios"] = {
         "generate_p50_over_score_p50": g1["p50_ms"] / s1["p50_ms"],
         "score_rps_8_over_1_clients": s8["requests_per_s"] / s1["requests_per_s"],
-        "vision_frames_per_request_cache_off_over_on": off["vision_frames_per_request"] / on["vision_frames_per_request"],
+        "vision_frames_per_request_cache_off_over_on": off["vision_frames_per_request"]
+        / on["vision_frames_per_request"],
         "stream_p50_cache_off_over_on": off["p50_ms"] / on["p50_ms"],
     }
     return results
@@ -136,8 +153,10 @@ def run(args) -> dict:
 
 def _row(label: str, r: dict) -> str:
     batch = f"{r['mean_batch']:.2f}" if r["mean_batch"] else "-"
-    return (f"{label:<32} n={r['requests']:<4} p50 {r['p50_ms']:8.1f} ms  p99 {r['p99_ms']:8.1f} ms  "
-            f"{r['requests_per_s']:7.2f} req/s  batch {batch:>5}  vision frames/req {r['vision_frames_per_request']:.2f}")
+    return (
+        f"{label:<32} n={r['requests']:<4} p50 {r['p50_ms']:8.1f} ms  p99 {r['p99_ms']:8.1f} ms  "
+        f"{r['requests_per_s']:7.2f} req/s  batch {batch:>5}  vision frames/req {r['vision_frames_per_request']:.2f}"
+    )
 
 
 def plot(results: dict, path: Path) -> None:
@@ -146,9 +165,13 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    phases = [("score\n1 client", "score_1_clients"), ("score\n8 clients", "score_8_clients"),
-              ("generate\n1 client", "generate_1_client"), ("stream\ncache on", "stream_cache_on"),
-              ("stream\ncache off", "stream_cache_off")]
+    phases = [
+        ("score\n1 client", "score_1_clients"),
+        ("score\n8 clients", "score_8_clients"),
+        ("generate\n1 client", "generate_1_client"),
+        ("stream\ncache on", "stream_cache_on"),
+        ("stream\ncache off", "stream_cache_off"),
+    ]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     x = range(len(phases))
     ax1.bar([i - 0.2 for i in x], [results[k]["p50_ms"] for _, k in phases], 0.4, label="p50")
@@ -157,8 +180,13 @@ def plot(results: dict, path: Path) -> None:
     ax1.set_ylabel("latency (ms, client side)")
     ax1.set_yscale("log")
     ax1.legend()
-    ax2.bar(["cache on", "cache off"], [results["stream_cache_on"]["vision_frames_per_request"],
-                                       results["stream_cache_off"]["vision_frames_per_request"]])
+    ax2.bar(
+        ["cache on", "cache off"],
+        [
+            results["stream_cache_on"]["vision_frames_per_request"],
+            results["stream_cache_off"]["vision_frames_per_request"],
+        ],
+    )
     ax2.set_ylabel("vision-tower frames encoded per request")
     ax2.set_title("sliding-window session stream")
     fig.suptitle(f"inference server on {Path(results['model_path']).name}")
@@ -183,9 +211,11 @@ def main(argv=None) -> int:
     r = results["ratios"]
     print(f"\ngenerate p50 / score p50:                     {r['generate_p50_over_score_p50']:.1f}x (target >= 3x)")
     print(f"score requests/s, 8 clients / 1 client:      {r['score_rps_8_over_1_clients']:.2f}x")
-    print(f"vision frames/request, cache off / on:       {r['vision_frames_per_request_cache_off_over_on']:.2f}x "
-          f"({results['stream_cache_off']['vision_frames_per_request']:.2f} vs "
-          f"{results['stream_cache_on']['vision_frames_per_request']:.2f}; target ~4 vs ~1)")
+    print(
+        f"vision frames/request, cache off / on:       {r['vision_frames_per_request_cache_off_over_on']:.2f}x "
+        f"({results['stream_cache_off']['vision_frames_per_request']:.2f} vs "
+        f"{results['stream_cache_on']['vision_frames_per_request']:.2f}; target ~4 vs ~1)"
+    )
     print(f"stream p50 latency, cache off / on:          {r['stream_p50_cache_off_over_on']:.2f}x")
     if args.output_dir:
         from pokemon_gemma.fileio import atomic_write_json

@@ -25,9 +25,9 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -35,8 +35,10 @@ from .config import Settings
 from .dataset import Record
 
 GIB = 2**30
-ADVICE = ("use --use_qlora (4-bit base), --gradient_checkpointing, a shorter --max_seq_length, "
-          "or --frame_layout grid (1/4 of the image tokens)")
+ADVICE = (
+    "use --use_qlora (4-bit base), --gradient_checkpointing, a shorter --max_seq_length, "
+    "or --frame_layout grid (1/4 of the image tokens)"
+)
 
 
 class FinderError(RuntimeError):
@@ -109,8 +111,10 @@ def worst_case_records(records: list[Record], collator, count: int) -> list[Reco
     """The `count` longest trainable samples (token length incl. image tokens), cycled if fewer."""
     from tqdm.auto import tqdm
 
-    lengths = [(collator.sample_length(r), i) for i, r in enumerate(tqdm(records, desc="measuring samples",
-                                                                          unit="sample", leave=False))]
+    lengths = [
+        (collator.sample_length(r), i)
+        for i, r in enumerate(tqdm(records, desc="measuring samples", unit="sample", leave=False))
+    ]
     order = [i for _, i in sorted(lengths, key=lambda t: (-t[0], t[1]))]
     return [records[order[k % len(order)]] for k in range(count)]
 
@@ -231,15 +235,26 @@ def probe_in_child(s: Settings, records: list[Record], batch_size: int, n_steps:
     proc.join()
     if message is None:
         if proc.exitcode == -9:  # SIGKILL: the kernel's OOM killer
-            return ProbeResult(batch_size, fits=False, oom=True,
-                               note=f"probe process killed by signal {-proc.exitcode} (likely out of memory)")
-        raise FinderError(f"probe of batch size {batch_size}: the probe process exited with code {proc.exitcode} "
-                          "without a result (see the messages above)")
+            return ProbeResult(
+                batch_size,
+                fits=False,
+                oom=True,
+                note=f"probe process killed by signal {-proc.exitcode} (likely out of memory)",
+            )
+        raise FinderError(
+            f"probe of batch size {batch_size}: the probe process exited with code {proc.exitcode} "
+            "without a result (see the messages above)"
+        )
     kind, payload = message
     if kind == "ok":
         step_time, peak = payload
-        return ProbeResult(batch_size, True, peak_memory_gb=peak, step_time_s=step_time,
-                           samples_per_s=batch_size / step_time if step_time > 0 else None)
+        return ProbeResult(
+            batch_size,
+            True,
+            peak_memory_gb=peak,
+            step_time_s=step_time,
+            samples_per_s=batch_size / step_time if step_time > 0 else None,
+        )
     if kind == "oom":
         return ProbeResult(batch_size, False, oom=True, note=payload)
     if kind == "load_error":
@@ -263,8 +278,13 @@ def probe_in_process(prober: Prober, records: list[Record], batch_size: int, n_s
         free_device_memory(prober.device)
         return ProbeResult(batch_size, False, oom=True, note=oom_note)
     free_device_memory(prober.device)
-    return ProbeResult(batch_size, True, peak_memory_gb=peak, step_time_s=step_time,
-                       samples_per_s=batch_size / step_time if step_time > 0 else None)
+    return ProbeResult(
+        batch_size,
+        True,
+        peak_memory_gb=peak,
+        step_time_s=step_time,
+        samples_per_s=batch_size / step_time if step_time > 0 else None,
+    )
 
 
 # --------------------------------------------------------------------------- search
@@ -308,14 +328,26 @@ def recommend(results: list[ProbeResult], target_effective_batch: int, num_proce
         return None
     best = max(fitting, key=lambda r: r.batch_size)
     grad_accum = max(1, math.ceil(target_effective_batch / (best.batch_size * num_processes)))
-    return {"batch_size": best.batch_size, "grad_accum": grad_accum,
-            "effective_batch": best.batch_size * grad_accum * num_processes,
-            "peak_memory_gb": best.peak_memory_gb, "samples_per_s": best.samples_per_s}
+    return {
+        "batch_size": best.batch_size,
+        "grad_accum": grad_accum,
+        "effective_batch": best.batch_size * grad_accum * num_processes,
+        "peak_memory_gb": best.peak_memory_gb,
+        "samples_per_s": best.samples_per_s,
+    }
 
 
-def find_batch_size(s: Settings, *, max_batch_size: int = 64, target_effective_batch: int = 16,
-                    max_memory_gb: float | None = None, safety_margin: float = 0.9, num_processes: int = 1,
-                    probe_steps: int = 3, device: str = "auto") -> dict:
+def find_batch_size(
+    s: Settings,
+    *,
+    max_batch_size: int = 64,
+    target_effective_batch: int = 16,
+    max_memory_gb: float | None = None,
+    safety_margin: float = 0.9,
+    num_processes: int = 1,
+    probe_steps: int = 3,
+    device: str = "auto",
+) -> dict:
     """Run the search; return the report (results, recommendation). Raises FinderError/RecordError/
     JsonlError/ModelLoadError with a one-line message."""
     from .collate import Collator
@@ -345,6 +377,7 @@ def find_batch_size(s: Settings, *, max_batch_size: int = 64, target_effective_b
     with Progress(transient=True) as progress:
         task = progress.add_task("probing batch sizes", total=None)
         if device == "cpu":
+
             def probe(b: int) -> ProbeResult:
                 progress.update(task, description=f"probing batch size {b} (child process)")
                 return probe_in_child(s, worst, b, probe_steps)
@@ -354,22 +387,45 @@ def find_batch_size(s: Settings, *, max_batch_size: int = 64, target_effective_b
             def probe(b: int) -> ProbeResult:
                 progress.update(task, description=f"probing batch size {b}")
                 return probe_in_process(prober, worst, b, probe_steps)
+
         results = search(probe, max_batch_size, limit)
 
     lengths = [collator.sample_length(r) for r in distinct.values()]
     report = {
         "device": device,
         "device_name": torch.cuda.get_device_name(0) if device == "cuda" else device,
-        "memory_measure": {"cuda": "torch.cuda.max_memory_allocated", "mps": "mps driver allocated (sampled)",
-                           "cpu": "peak RSS of a child process per probe"}.get(device, device),
-        "budget_gb": budget, "safety_margin": safety_margin, "limit_gb": limit,
-        "max_batch_size": max_batch_size, "target_effective_batch": target_effective_batch,
-        "num_processes": num_processes, "probe_steps": probe_steps,
-        "settings": {k: getattr(s, k) for k in ("model_name", "dataset_path", "use_peft", "use_qlora",
-                                                "gradient_checkpointing", "max_seq_length", "frame_layout",
-                                                "mixed_precision", "lora_r", "lora_targets")},
-        "worst_case": {"sample_ids": sorted(distinct), "max_tokens": max(lengths),
-                       "tokens_used": min(max(lengths), s.max_seq_length)},
+        "memory_measure": {
+            "cuda": "torch.cuda.max_memory_allocated",
+            "mps": "mps driver allocated (sampled)",
+            "cpu": "peak RSS of a child process per probe",
+        }.get(device, device),
+        "budget_gb": budget,
+        "safety_margin": safety_margin,
+        "limit_gb": limit,
+        "max_batch_size": max_batch_size,
+        "target_effective_batch": target_effective_batch,
+        "num_processes": num_processes,
+        "probe_steps": probe_steps,
+        "settings": {
+            k: getattr(s, k)
+            for k in (
+                "model_name",
+                "dataset_path",
+                "use_peft",
+                "use_qlora",
+                "gradient_checkpointing",
+                "max_seq_length",
+                "frame_layout",
+                "mixed_precision",
+                "lora_r",
+                "lora_targets",
+            )
+        },
+        "worst_case": {
+            "sample_ids": sorted(distinct),
+            "max_tokens": max(lengths),
+            "tokens_used": min(max(lengths), s.max_seq_length),
+        },
         "results": [r.to_dict() for r in results],
         "recommendation": recommend(results, target_effective_batch, num_processes),
     }
@@ -379,8 +435,10 @@ def find_batch_size(s: Settings, *, max_batch_size: int = 64, target_effective_b
 def no_fit_message(report: dict) -> str:
     first = report["results"][0] if report["results"] else {}
     why = first.get("note") or "out of memory"
-    return (f"even batch size 1 does not fit on {report['device']} (limit {report['limit_gb']:.2f} GiB: {why}); "
-            f"to use less memory: {ADVICE}")
+    return (
+        f"even batch size 1 does not fit on {report['device']} (limit {report['limit_gb']:.2f} GiB: {why}); "
+        f"to use less memory: {ADVICE}"
+    )
 
 
 # --------------------------------------------------------------------------- .env update
@@ -398,7 +456,7 @@ def update_env_file(path: str | Path, values: dict[str, object]) -> Path:
         for key, value in values.items():
             m = re.match(rf"^(\s*(?:export\s+)?){re.escape(key)}\s*=", line)
             if m:
-                ending = line[len(line.rstrip("\r\n")):]
+                ending = line[len(line.rstrip("\r\n")) :]
                 lines[i] = f"{m.group(1)}{key}={value}{ending or ''}"
                 seen.add(key)
     missing = [k for k in values if k not in seen]
@@ -420,20 +478,28 @@ def print_report(report: dict, console=None) -> None:
     from rich.table import Table
 
     console = console or Console()
-    table = Table(title=f"batch-size probes on {report['device_name']} "
-                        f"(limit {report['limit_gb']:.2f} GiB = {report['safety_margin']:.0%} of {report['budget_gb']:.2f})")
+    table = Table(
+        title=f"batch-size probes on {report['device_name']} "
+        f"(limit {report['limit_gb']:.2f} GiB = {report['safety_margin']:.0%} of {report['budget_gb']:.2f})"
+    )
     for col in ("batch", "fits", "peak GiB", "% of budget", "step s", "samples/s", "note"):
         table.add_column(col, justify="right" if col not in ("fits", "note") else "left")
     for r in report["results"]:
         peak = r["peak_memory_gb"]
-        table.add_row(str(r["batch_size"]), "yes" if r["fits"] else ("OOM" if r["oom"] else "no"),
-                      f"{peak:.3f}" if peak is not None else "-",
-                      f"{100 * peak / report['budget_gb']:.0f}%" if peak is not None else "-",
-                      f"{r['step_time_s']:.3f}" if r["step_time_s"] else "-",
-                      f"{r['samples_per_s']:.2f}" if r["samples_per_s"] else "-", r["note"][:60])
+        table.add_row(
+            str(r["batch_size"]),
+            "yes" if r["fits"] else ("OOM" if r["oom"] else "no"),
+            f"{peak:.3f}" if peak is not None else "-",
+            f"{100 * peak / report['budget_gb']:.0f}%" if peak is not None else "-",
+            f"{r['step_time_s']:.3f}" if r["step_time_s"] else "-",
+            f"{r['samples_per_s']:.2f}" if r["samples_per_s"] else "-",
+            r["note"][:60],
+        )
     console.print(table)
     rec = report["recommendation"]
     if rec:
-        console.print(f"recommended: BATCH_SIZE={rec['batch_size']} GRAD_ACCUM={rec['grad_accum']} "
-                      f"(effective batch {rec['effective_batch']} over {report['num_processes']} process(es); "
-                      f"target {report['target_effective_batch']})")
+        console.print(
+            f"recommended: BATCH_SIZE={rec['batch_size']} GRAD_ACCUM={rec['grad_accum']} "
+            f"(effective batch {rec['effective_batch']} over {report['num_processes']} process(es); "
+            f"target {report['target_effective_batch']})"
+        )

@@ -24,8 +24,11 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := CHECKPOINT_RE.match(p.name))
-             and (p / STATE_FILE).is_file()]
+    found = [
+        (int(m.group(1)), p)
+        for p in output_dir.iterdir()
+        if (m := CHECKPOINT_RE.match(p.name)) and (p / STATE_FILE).is_file()
+    ]
     return [p for _, p in sorted(found)]
 
 
@@ -66,8 +69,17 @@ def replace_dir(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, state: dict[str, Any],
-                    run_config: dict[str, Any], rng_states: list[dict[str, Any]], save_total_limit: int) -> Path:
+def save_checkpoint(
+    output_dir: Path,
+    step: int,
+    model,
+    optimizer,
+    scheduler,
+    state: dict[str, Any],
+    run_config: dict[str, Any],
+    rng_states: list[dict[str, Any]],
+    save_total_limit: int,
+) -> Path:
     """Write checkpoint-{step}/ atomically and drop the oldest beyond `save_total_limit`."""
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".tmp-checkpoint-{step}"
@@ -102,8 +114,9 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int) -> dict[
     else:
         from transformers.modeling_utils import load_sharded_checkpoint
 
-        load_sharded_checkpoint(model, path, strict=False) if not (path / "model.safetensors").is_file() \
-            else model.load_state_dict(load_file(path / "model.safetensors"), strict=False)
+        load_sharded_checkpoint(model, path, strict=False) if not (
+            path / "model.safetensors"
+        ).is_file() else model.load_state_dict(load_file(path / "model.safetensors"), strict=False)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     rng_file = path / f"rng_state_{rank}.pth"

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+
 import torch
 from PIL import Image
 
 from .dataset import FRAMES_PER_SAMPLE, Record
 
 IGNORE_INDEX = -100
-GRID_NOTE = "The 4 frames are tiled 2x2 in one image: oldest top-left, then top-right, bottom-left, newest bottom-right."
+GRID_NOTE = (
+    "The 4 frames are tiled 2x2 in one image: oldest top-left, then top-right, bottom-left, newest bottom-right."
+)
 
 
 class SampleError(ValueError):
@@ -84,8 +87,14 @@ class Collator:
     mm_tokens_per_image, and (with an answer) at least one labelled token.
     """
 
-    def __init__(self, processor, max_seq_length: int = 2048, frame_layout: str = "images",
-                 blank_frames: bool = False, pixel_dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        processor,
+        max_seq_length: int = 2048,
+        frame_layout: str = "images",
+        blank_frames: bool = False,
+        pixel_dtype: torch.dtype = torch.float32,
+    ):
         if frame_layout not in ("images", "grid"):
             raise ValueError(f"frame_layout must be images or grid, got {frame_layout!r}")
         self.processor = processor
@@ -131,7 +140,9 @@ class Collator:
         return len(ids) + n_images * extra
 
     # --- encoding
-    def encode(self, record: Record, with_answer: bool = True, images: list[Image.Image] | None = None) -> EncodedSample:
+    def encode(
+        self, record: Record, with_answer: bool = True, images: list[Image.Image] | None = None
+    ) -> EncodedSample:
         sample_id = record.sample_id
         answer = record.output.strip() + "<end_of_turn>\n" if with_answer else ""
         context, shortened = self.fit_context(record.context, record.question, answer, sample_id)
@@ -225,4 +236,3 @@ class Collator:
 
     def __call__(self, records: list[Record]) -> dict[str, torch.Tensor]:
         return self.pad([self.encode(r) for r in records])
-

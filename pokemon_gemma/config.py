@@ -33,7 +33,9 @@ def _f(default: Any, help: str, choices: tuple | None = None, secret: bool = Fal
 @dataclass
 class Settings:
     # --- model and data
-    model_name: str = _f("google/gemma-3-4b-it", "model id or local folder (also 12b/27b: google/gemma-3-12b-it, google/gemma-3-27b-it)")
+    model_name: str = _f(
+        "google/gemma-3-4b-it", "model id or local folder (also 12b/27b: google/gemma-3-12b-it, google/gemma-3-27b-it)"
+    )
     dataset_path: str = _f("training_data/train.jsonl", "training JSONL (from convert_eevee_data_v2.py)")
     eval_dataset_path: str = _f("training_data/val.jsonl", "validation JSONL used at eval steps ('' to disable)")
     test_dataset_path: str = _f("training_data/test.jsonl", "held-out JSONL for evaluate.py")
@@ -58,7 +60,9 @@ class Settings:
     use_qlora: bool = _f(False, "4-bit nf4 base (QLoRA); needs bitsandbytes")
     gradient_checkpointing: bool = _f(False, "trade compute for memory")
     mixed_precision: str = _f("no", "autocast/weights dtype", ("no", "bf16", "fp16"))
-    frame_layout: str = _f("images", "4 separate images, or one 2x2 grid image (1/4 of the image tokens)", ("images", "grid"))
+    frame_layout: str = _f(
+        "images", "4 separate images, or one 2x2 grid image (1/4 of the image tokens)", ("images", "grid")
+    )
     eval_steps: int = _f(50, "evaluate every N optimizer steps (0 = only at the end)")
     save_steps: int = _f(50, "checkpoint every N optimizer steps (0 = only at the end)")
     save_total_limit: int = _f(3, "checkpoints kept (oldest removed)")
@@ -67,7 +71,9 @@ class Settings:
     max_grad_norm: float = _f(1.0, "clip the gradient norm (0 = no clipping)")
     eval_max_samples: int = _f(256, "validation samples scored at each eval step (0 = all)")
     eval_batch_size: int = _f(8, "micro-batch size for the validation loss")
-    dataloader_workers: int = _f(1, "processes that decode/collate upcoming micro-batches while the model trains (0 = inline)")
+    dataloader_workers: int = _f(
+        1, "processes that decode/collate upcoming micro-batches while the model trains (0 = inline)"
+    )
     report_to: str = _f("none", "experiment tracker", ("wandb", "tensorboard", "none"))
     run_name: str = _f("", "run name for trackers ('' = output dir name)")
     accelerate_config: str = _f("accelerate_configs/single_gpu.yaml", "accelerate config for train_gemma3.sh")
@@ -194,7 +200,9 @@ def add_settings_args(parser: argparse.ArgumentParser, settings: Settings, names
         if typ is bool:
             parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
-            parser.add_argument(f"--{name}", type=typ, default=default, choices=f.metadata.get("choices"), help=help_text)
+            parser.add_argument(
+                f"--{name}", type=typ, default=default, choices=f.metadata.get("choices"), help=help_text
+            )
 
 
 def settings_from_args(settings: Settings, args: argparse.Namespace) -> Settings:

@@ -24,14 +24,23 @@ import sys
 import time
 import zlib
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .dataset import FRAMES_PER_SAMPLE, QUESTION, make_output
-from .eevee import Problem, Session, SessionError, Turn, find_runs_dir, iter_session_dirs, read_session, \
-    scene_from_visual_txt
+from .eevee import (
+    Problem,
+    Session,
+    SessionError,
+    Turn,
+    find_runs_dir,
+    iter_session_dirs,
+    read_session,
+    scene_from_visual_txt,
+)
 from .fileio import atomic_open, atomic_write_json
 
 FULL_NAME = "pokemon_4frame_dataset_full.jsonl"
@@ -74,7 +83,7 @@ class ConvertOptions:
     min_frames: int = 4
     max_gap_seconds: float = 60.0
     copy_images: bool = False
-    output_dir: str = ""          # images go to output_dir/images/<session>/ when copy_images
+    output_dir: str = ""  # images go to output_dir/images/<session>/ when copy_images
     history_in_context: bool = False  # add earlier turns' buttons/scene to the model-visible context
 
     def check(self) -> None:
@@ -85,13 +94,13 @@ class ConvertOptions:
 @dataclass
 class SessionResult:
     dir: str
-    image_key: str                                     # folder name under images/ (unique per session folder)
+    image_key: str  # folder name under images/ (unique per session folder)
     session_id: str | None = None
     version: str | None = None
-    lines: list[str] = field(default_factory=list)     # JSON records, encoded in the worker (cheap to pass back)
-    labels: list[str] = field(default_factory=list)    # per record: button, scene context (for the summary)
+    lines: list[str] = field(default_factory=list)  # JSON records, encoded in the worker (cheap to pass back)
+    labels: list[str] = field(default_factory=list)  # per record: button, scene context (for the summary)
     contexts: list[str] = field(default_factory=list)
-    candidates: int = 0                                # target positions examined
+    candidates: int = 0  # target positions examined
     window_skips: Counter = field(default_factory=Counter)
     problems: list[Problem] = field(default_factory=list)
     skip_reason: str | None = None
@@ -117,16 +126,16 @@ def png_problem(data: bytes) -> str | None:
     while True:
         if pos + 12 > n:
             return "truncated (no IEND chunk)"
-        length, ctype = struct.unpack(">I4s", data[pos:pos + 8])
+        length, ctype = struct.unpack(">I4s", data[pos : pos + 8])
         end = pos + 12 + length
         if end > n:
             return f"truncated inside a {ctype!r} chunk"
-        if zlib.crc32(data[pos + 4:pos + 8 + length]) != struct.unpack(">I", data[end - 4:end])[0]:
+        if zlib.crc32(data[pos + 4 : pos + 8 + length]) != struct.unpack(">I", data[end - 4 : end])[0]:
             return f"bad CRC in a {ctype!r} chunk"
         if first:
             if ctype != b"IHDR" or length != 13:
                 return "first chunk is not IHDR"
-            width, height = struct.unpack(">II", data[pos + 8:pos + 16])
+            width, height = struct.unpack(">II", data[pos + 8 : pos + 16])
             first = False
         elif ctype == b"IDAT":
             idat += 1
@@ -200,7 +209,9 @@ def convert_session(session_dir: str | Path, opts: ConvertOptions) -> SessionRes
     """All windows of one session folder, with every skipped window counted by reason."""
     session_dir = Path(session_dir)
     name = session_dir.name
-    res = SessionResult(dir=str(session_dir), image_key=name[len("session_"):] if name.startswith("session_") else name)
+    res = SessionResult(
+        dir=str(session_dir), image_key=name[len("session_") :] if name.startswith("session_") else name
+    )
     try:
         session = read_session(session_dir)
     except SessionError as exc:
@@ -271,7 +282,7 @@ def convert_session(session_dir: str | Path, opts: ConvertOptions) -> SessionRes
             res.window_skips[reason or "session_start"] += 1
             continue
         pad = FRAMES_PER_SAMPLE - len(run)
-        slots: list[Turn | None] = [None] * pad + run   # None = padding (repeats the oldest frame)
+        slots: list[Turn | None] = [None] * pad + run  # None = padding (repeats the oldest frame)
         frames_turns = [run[0]] * pad + run
         for t in run:
             used[t.index] = t
@@ -305,8 +316,9 @@ def convert_session(session_dir: str | Path, opts: ConvertOptions) -> SessionRes
         res.lines.append(json.dumps(record, ensure_ascii=False))
         res.labels.append(target.label)
         res.contexts.append(context)
-        res.window_digests.append(hashlib.blake2b(b"".join(frame_status[t.index][1] for t in frames_turns),
-                                                  digest_size=8).digest())
+        res.window_digests.append(
+            hashlib.blake2b(b"".join(frame_status[t.index][1] for t in frames_turns), digest_size=8).digest()
+        )
 
     for reason, paths in bad_frames.items():
         more = f" (and {len(paths) - 1} more in this session)" if len(paths) > 1 else ""
@@ -322,8 +334,10 @@ def convert_session(session_dir: str | Path, opts: ConvertOptions) -> SessionRes
             try:
                 res.images_copied += _copy_frame(t.frame, dest)
             except OSError as exc:  # never fall back to the source path silently
-                raise ConvertError(f"{dest}: cannot write the image copy ({exc.strerror or exc}) "
-                                   f"(check free disk space and permissions of --output_dir)") from None
+                raise ConvertError(
+                    f"{dest}: cannot write the image copy ({exc.strerror or exc}) "
+                    f"(check free disk space and permissions of --output_dir)"
+                ) from None
     return res
 
 
@@ -339,8 +353,8 @@ def split_of(session_ids: list[str], val_fraction: float, test_fraction: float, 
 
     n_test, n_val = count(test_fraction), count(val_fraction)
     out = {s: "test" for s in order[:n_test]}
-    out.update({s: "val" for s in order[n_test:n_test + n_val]})
-    out.update({s: "train" for s in order[n_test + n_val:]})
+    out.update({s: "val" for s in order[n_test : n_test + n_val]})
+    out.update({s: "train" for s in order[n_test + n_val :]})
     return out
 
 
@@ -348,11 +362,22 @@ def _stderr_warn(line: str) -> None:
     print(f"warning: {line}", file=sys.stderr)
 
 
-def convert_corpus(eevee_data_dir: str | Path, output_dir: str | Path, *, min_frames: int = 4,
-                   val_fraction: float = 0.1, test_fraction: float = 0.1, split_seed: int = 0,
-                   max_gap_seconds: float = 60.0, copy_images: bool = False, workers: int = 1,
-                   strict: bool = False, progress: bool = True, history_in_context: bool = False,
-                   warn: Callable[[str], None] = _stderr_warn) -> dict[str, Any]:
+def convert_corpus(
+    eevee_data_dir: str | Path,
+    output_dir: str | Path,
+    *,
+    min_frames: int = 4,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    split_seed: int = 0,
+    max_gap_seconds: float = 60.0,
+    copy_images: bool = False,
+    workers: int = 1,
+    strict: bool = False,
+    progress: bool = True,
+    history_in_context: bool = False,
+    warn: Callable[[str], None] = _stderr_warn,
+) -> dict[str, Any]:
     """Convert every session under `eevee_data_dir`; write the JSONL files and summary.json; return the summary.
 
     Raises UsageError for bad options, ConvertError in strict mode at the first problem."""
@@ -364,8 +389,13 @@ def convert_corpus(eevee_data_dir: str | Path, output_dir: str | Path, *, min_fr
         raise UsageError("--val_fraction and --test_fraction must be in [0, 1) and sum to less than 1")
     if workers < 1:
         raise UsageError(f"--workers must be >= 1, got {workers}")
-    opts = ConvertOptions(min_frames=min_frames, max_gap_seconds=max_gap_seconds, copy_images=copy_images,
-                          output_dir=str(out.resolve()), history_in_context=history_in_context)
+    opts = ConvertOptions(
+        min_frames=min_frames,
+        max_gap_seconds=max_gap_seconds,
+        copy_images=copy_images,
+        output_dir=str(out.resolve()),
+        history_in_context=history_in_context,
+    )
     opts.check()
     runs_dir = find_runs_dir(src)
     session_dirs = list(iter_session_dirs(runs_dir))
@@ -411,8 +441,14 @@ def convert_corpus(eevee_data_dir: str | Path, output_dir: str | Path, *, min_fr
     if progress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        bar = Progress(TextColumn("converting sessions"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                       TextColumn("{task.fields[windows]} windows"), transient=False)
+        bar = Progress(
+            TextColumn("converting sessions"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[windows]} windows"),
+            transient=False,
+        )
         task = bar.add_task("convert", total=len(session_dirs), windows=0)
         bar.start()
     try:
@@ -428,8 +464,11 @@ def convert_corpus(eevee_data_dir: str | Path, output_dir: str | Path, *, min_fr
                 for p in res.problems:
                     note_problem(p)
                 if res.lines and res.session_id in seen_ids:
-                    p = Problem(res.dir, "duplicate_session_id",
-                                f"session_id {res.session_id} already read from {seen_ids[res.session_id]}")
+                    p = Problem(
+                        res.dir,
+                        "duplicate_session_id",
+                        f"session_id {res.session_id} already read from {seen_ids[res.session_id]}",
+                    )
                     note_problem(p)
                     res.skip_reason, res.skip_detail = p.reason, p.detail
                     totals["duplicates_removed"] += len(res.lines)
@@ -438,9 +477,16 @@ def convert_corpus(eevee_data_dir: str | Path, output_dir: str | Path, *, min_fr
                     res.lines = []
                 if not res.lines:
                     sessions_skipped[res.skip_reason] += 1
-                    skipped.append({"session_id": res.session_id, "path": res.dir, "format_version": res.version,
-                                    "reason": res.skip_reason, "detail": res.skip_detail,
-                                    "windows_skipped": dict(res.window_skips)})
+                    skipped.append(
+                        {
+                            "session_id": res.session_id,
+                            "path": res.dir,
+                            "format_version": res.version,
+                            "reason": res.skip_reason,
+                            "detail": res.skip_detail,
+                            "windows_skipped": dict(res.window_skips),
+                        }
+                    )
                 else:
                     seen_ids[res.session_id] = res.dir
                     full.write("\n".join(res.lines) + "\n")
@@ -479,12 +525,24 @@ def convert_corpus(eevee_data_dir: str | Path, output_dir: str | Path, *, min_fr
         "eevee_data_dir": str(src),
         "runs_dir": str(runs_dir),
         "output_dir": str(out),
-        "options": {"min_frames": min_frames, "val_fraction": val_fraction, "test_fraction": test_fraction,
-                    "split_seed": split_seed, "max_gap_seconds": max_gap_seconds, "copy_images": copy_images,
-                    "workers": workers, "strict": strict, "history_in_context": history_in_context},
-        "sessions": {"found": len(session_dirs), "used": len(used), "skipped": len(skipped),
-                     "skipped_by_reason": dict(sessions_skipped.most_common()),
-                     "format_versions": dict(sorted(versions.items()))},
+        "options": {
+            "min_frames": min_frames,
+            "val_fraction": val_fraction,
+            "test_fraction": test_fraction,
+            "split_seed": split_seed,
+            "max_gap_seconds": max_gap_seconds,
+            "copy_images": copy_images,
+            "workers": workers,
+            "strict": strict,
+            "history_in_context": history_in_context,
+        },
+        "sessions": {
+            "found": len(session_dirs),
+            "used": len(used),
+            "skipped": len(skipped),
+            "skipped_by_reason": dict(sessions_skipped.most_common()),
+            "format_versions": dict(sorted(versions.items())),
+        },
         "skipped_sessions": skipped,
         "turns": totals["turns"],
         "frames_checked": totals["frames_checked"],
@@ -497,14 +555,24 @@ def convert_corpus(eevee_data_dir: str | Path, output_dir: str | Path, *, min_fr
             "skipped_by_reason": dict(window_skips.most_common()),
             "identical_frame_windows": totals["identical_frame_windows"],
             "note": "candidates = produced + duplicates_removed + skipped; identical_frame_windows (same 4 frame "
-                    "files' bytes as an earlier window, e.g. a shared save state) are kept and only counted",
+            "files' bytes as an earlier window, e.g. a shared save state) are kept and only counted",
         },
         "labels": dict(sum((s["labels"] for s in split_stats.values()), Counter()).most_common()),
         "contexts": dict(sum((s["contexts"] for s in split_stats.values()), Counter()).most_common()),
-        "splits": {s: {"sessions": v["sessions"], "windows": v["windows"], "labels": dict(v["labels"].most_common()),
-                       "contexts": dict(v["contexts"].most_common())} for s, v in split_stats.items()},
-        "problems": {"count": sum(problems_by_reason.values()), "by_reason": dict(problems_by_reason.most_common()),
-                     "items": problem_items},
+        "splits": {
+            s: {
+                "sessions": v["sessions"],
+                "windows": v["windows"],
+                "labels": dict(v["labels"].most_common()),
+                "contexts": dict(v["contexts"].most_common()),
+            }
+            for s, v in split_stats.items()
+        },
+        "problems": {
+            "count": sum(problems_by_reason.values()),
+            "by_reason": dict(problems_by_reason.most_common()),
+            "items": problem_items,
+        },
         "elapsed_s": round(time.perf_counter() - started, 3),
     }
     atomic_write_json(out / "summary.json", summary)
@@ -517,8 +585,12 @@ class _NothingConverted(Exception):
 
 def _write_splits(out: Path, runs: list[tuple[str, int]]) -> None:
     """Copy lines of the full file into train/val/test; `runs` = (split, n lines) per session, in file order."""
-    with open(out / FULL_NAME, encoding="utf-8") as full, atomic_open(out / "train.jsonl") as tr, \
-            atomic_open(out / "val.jsonl") as va, atomic_open(out / "test.jsonl") as te:
+    with (
+        open(out / FULL_NAME, encoding="utf-8") as full,
+        atomic_open(out / "train.jsonl") as tr,
+        atomic_open(out / "val.jsonl") as va,
+        atomic_open(out / "test.jsonl") as te,
+    ):
         sinks = {"train": tr, "val": va, "test": te}
         for split, n in runs:
             sink = sinks[split]
@@ -551,5 +623,16 @@ def summary_table(summary: dict[str, Any]):
     return table
 
 
-__all__ = ["ConvertError", "ConvertOptions", "FULL_NAME", "SessionResult", "UsageError", "build_context",
-           "check_frame", "convert_corpus", "convert_session", "split_of", "summary_table"]
+__all__ = [
+    "ConvertError",
+    "ConvertOptions",
+    "FULL_NAME",
+    "SessionResult",
+    "UsageError",
+    "build_context",
+    "check_frame",
+    "convert_corpus",
+    "convert_session",
+    "split_of",
+    "summary_table",
+]

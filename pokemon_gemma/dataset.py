@@ -93,8 +93,9 @@ def record_from_dict(obj: dict[str, Any], where: str, base_dir: Path | None = No
         raise RecordError(f"{where}: output: {exc}") from None
     if base_dir is not None:
         frames = [f if Path(f).is_absolute() else str(base_dir / f) for f in frames]
-    return Record(frames=frames, context=obj["context"], question=obj["question"], output=obj["output"],
-                  metadata=metadata)
+    return Record(
+        frames=frames, context=obj["context"], question=obj["question"], output=obj["output"], metadata=metadata
+    )
 
 
 def load_records(path: str | Path) -> list[Record]:
@@ -108,5 +109,14 @@ def load_records(path: str | Path) -> list[Record]:
     return records
 
 
-__all__ = ["BUTTONS", "QUESTION", "Record", "RecordError", "JsonlError", "make_output", "parse_output",
-           "record_from_dict", "load_records"]
+__all__ = [
+    "BUTTONS",
+    "QUESTION",
+    "Record",
+    "RecordError",
+    "JsonlError",
+    "make_output",
+    "parse_output",
+    "record_from_dict",
+    "load_records",
+]

@@ -66,17 +66,36 @@ VISUAL_ANALYSIS = {
     "scene_type": "overworld",
     "recommended_template": TEMPLATE[0],
     "valid_buttons": [
-        {"key": "UP", "action": "move_up"}, {"key": "DOWN", "action": "move_down"},
-        {"key": "LEFT", "action": "move_left"}, {"key": "RIGHT", "action": "move_right"},
-        {"key": "A", "action": "interact"}, {"key": "B", "action": "cancel"},
+        {"key": "UP", "action": "move_up"},
+        {"key": "DOWN", "action": "move_down"},
+        {"key": "LEFT", "action": "move_left"},
+        {"key": "RIGHT", "action": "move_right"},
+        {"key": "A", "action": "interact"},
+        {"key": "B", "action": "cancel"},
     ],
 }
 TURN_DATA_KEYS = (  # asdict(TurnData) of eevee/run_eevee.py, in order
-    "turn_number", "timestamp", "visual_analysis", "movement_data", "screenshot_path", "screenshot_base64",
-    "strategic_decision", "memory_context", "template_selected", "template_version",
-    "template_selection_reasoning", "final_button_presses", "action_result", "execution_time",
-    "fine_tuning_entry", "user_task", "escalation_level", "session_goal", "turn_success",
-    "include_in_fine_tuning", "failure_reason",
+    "turn_number",
+    "timestamp",
+    "visual_analysis",
+    "movement_data",
+    "screenshot_path",
+    "screenshot_base64",
+    "strategic_decision",
+    "memory_context",
+    "template_selected",
+    "template_version",
+    "template_selection_reasoning",
+    "final_button_presses",
+    "action_result",
+    "execution_time",
+    "fine_tuning_entry",
+    "user_task",
+    "escalation_level",
+    "session_goal",
+    "turn_success",
+    "include_in_fine_tuning",
+    "failure_reason",
 )
 MANIFEST = "demo_manifest.json"
 
@@ -173,8 +192,9 @@ def apply_button(scene: Scene, button: str, rng: random.Random, question_rate: f
         x, y = scene.player[0] + dx, scene.player[1] + dy
         if walkable(scene, x, y):
             scene.player = (x, y)
-    elif button == "a" and scene.player in stand_tiles(scene) and \
-            scene.facing == direction_to(scene.player, scene.goal):
+    elif (
+        button == "a" and scene.player in stand_tiles(scene) and scene.facing == direction_to(scene.player, scene.goal)
+    ):
         pages = 1 if rng.random() < 0.7 else 2  # mostly one page: long runs of `a` help repeat-last
         scene.pages = ["text"] * pages + (["question"] if rng.random() < question_rate else [])
         scene.goal_dialogue = True
@@ -199,7 +219,7 @@ def make_world(rng: random.Random, paths: int = 0, size: int = GRID) -> Scene:
         for _ in range(rng.randint(0, round(2 * scale))):
             w, h = rng.choice([(2, 1), (1, 2), (2, 2)])
             x, y = rng.randrange(size - w + 1), rng.randrange(size - h + 1)
-            block = tiles[y:y + h, x:x + w]
+            block = tiles[y : y + h, x : x + w]
             block[block == GRASS] = WATER
         ground = [(x, y) for y in range(size) for x in range(size) if tiles[y, x] in GROUND]
         scene = Scene(tiles=tiles, player=rng.choice(ground), facing=rng.choice(list(DIRECTIONS)))
@@ -213,16 +233,34 @@ def view_of(scene: Scene) -> Scene:
     the real overlay's centre tile); outside the world is forest. An 8x8 world is shown whole."""
     height, width = scene.tiles.shape
     if (height, width) == (GRID, GRID):
-        return Scene(scene.tiles.copy(), scene.player, scene.facing, scene.goal_kind, scene.goal,
-                     list(scene.house), list(scene.pages), scene.goal_dialogue, scene.text_seed)
+        return Scene(
+            scene.tiles.copy(),
+            scene.player,
+            scene.facing,
+            scene.goal_kind,
+            scene.goal,
+            list(scene.house),
+            list(scene.pages),
+            scene.goal_dialogue,
+            scene.text_seed,
+        )
     ox, oy = scene.player[0] - CENTRE[0], scene.player[1] - CENTRE[1]
     tiles = np.full((GRID, GRID), TREE, dtype=np.int8)
     x0, y0, x1, y1 = max(ox, 0), max(oy, 0), min(ox + GRID, width), min(oy + GRID, height)
-    tiles[y0 - oy:y1 - oy, x0 - ox:x1 - ox] = scene.tiles[y0:y1, x0:x1]
+    tiles[y0 - oy : y1 - oy, x0 - ox : x1 - ox] = scene.tiles[y0:y1, x0:x1]
     gx, gy = scene.goal[0] - ox, scene.goal[1] - oy
     goal = (gx, gy) if scene.goal != (-1, -1) and 0 <= gx < GRID and 0 <= gy < GRID else (-1, -1)
-    return Scene(tiles, CENTRE, scene.facing, scene.goal_kind, goal, [(x - ox, y - oy) for x, y in scene.house],
-                 list(scene.pages), scene.goal_dialogue, scene.text_seed)
+    return Scene(
+        tiles,
+        CENTRE,
+        scene.facing,
+        scene.goal_kind,
+        goal,
+        [(x - ox, y - oy) for x, y in scene.house],
+        list(scene.pages),
+        scene.goal_dialogue,
+        scene.text_seed,
+    )
 
 
 def goal_reachable(scene: Scene, min_steps: int = 0) -> bool:
@@ -259,8 +297,10 @@ def place_goal(scene: Scene, rng: random.Random, min_steps: int = 3) -> None:
             house = [(hx, hy), (hx + 1, hy), (hx, hy + 1), (hx + 1, hy + 1)]
             goal = (hx + rng.randint(0, 1), hy + 1)
         cells = house or [goal]
-        if any(not (0 <= x < width and 0 <= y < height) or scene.tiles[y, x] not in GROUND
-               or (x, y) == scene.player for x, y in cells):
+        if any(
+            not (0 <= x < width and 0 <= y < height) or scene.tiles[y, x] not in GROUND or (x, y) == scene.player
+            for x, y in cells
+        ):
             continue
         saved = scene.tiles.copy()
         for x, y in house:
@@ -283,12 +323,27 @@ def remove_goal(scene: Scene) -> None:
 # squash to 64x64 (a tile becomes 8x8 pixels).
 
 _C = {
-    "grass": (104, 184, 80), "path": (226, 206, 152),
-    "canopy": (20, 92, 36), "water": (48, 104, 224), "wave": (150, 196, 250),
-    "roof": (176, 48, 40), "roof_line": (120, 30, 24), "wall": (236, 228, 204), "window": (90, 140, 210),
-    "door": (88, 48, 16), "knob": (255, 220, 0), "outline": (0, 0, 0), "player": (230, 24, 24),
-    "facing": (255, 236, 0), "npc": (40, 64, 210), "skin": (250, 208, 168), "hair": (30, 20, 10),
-    "grid": (200, 200, 200), "box": (250, 250, 250), "ink": (60, 60, 70), "arrow": (224, 16, 16),
+    "grass": (104, 184, 80),
+    "path": (226, 206, 152),
+    "canopy": (20, 92, 36),
+    "water": (48, 104, 224),
+    "wave": (150, 196, 250),
+    "roof": (176, 48, 40),
+    "roof_line": (120, 30, 24),
+    "wall": (236, 228, 204),
+    "window": (90, 140, 210),
+    "door": (88, 48, 16),
+    "knob": (255, 220, 0),
+    "outline": (0, 0, 0),
+    "player": (230, 24, 24),
+    "facing": (255, 236, 0),
+    "npc": (40, 64, 210),
+    "skin": (250, 208, 168),
+    "hair": (30, 20, 10),
+    "grid": (200, 200, 200),
+    "box": (250, 250, 250),
+    "ink": (60, 60, 70),
+    "arrow": (224, 16, 16),
 }
 
 
@@ -312,8 +367,8 @@ def _build_sprites() -> dict:
     s[TREE] = t
     t = _tile(_C["water"])
     for y in (5, 13):
-        t[y:y + 2, 4:12] = _C["wave"]
-        t[y + 2:y + 4, 17:26] = _C["wave"]
+        t[y : y + 2, 4:12] = _C["wave"]
+        t[y + 2 : y + 4, 17:26] = _C["wave"]
     s[WATER] = t
     t = _tile(_C["roof"])
     t[6:8, :] = t[13:15, :] = _C["roof_line"]
@@ -352,7 +407,7 @@ _SPRITES = _build_sprites()
 
 
 def _tile_view(frame: np.ndarray, x: int, y: int) -> np.ndarray:
-    return frame[y * TILE_H:(y + 1) * TILE_H, x * TILE_W:(x + 1) * TILE_W]
+    return frame[y * TILE_H : (y + 1) * TILE_H, x * TILE_W : (x + 1) * TILE_W]
 
 
 def _text_lines(frame: np.ndarray, x0: int, y0: int, width: int, lines: int, seed: int) -> None:
@@ -362,13 +417,13 @@ def _text_lines(frame: np.ndarray, x0: int, y0: int, width: int, lines: int, see
         x, y = x0, y0 + line * 12
         while x < x0 + width - 10:
             w = rng.randint(8, 26)
-            frame[y:y + 5, x:min(x + w, x0 + width)] = _C["ink"]
+            frame[y : y + 5, x : min(x + w, x0 + width)] = _C["ink"]
             x += w + 5
 
 
 def _box(frame: np.ndarray, x0: int, y0: int, x1: int, y1: int) -> None:
     frame[y0:y1, x0:x1] = _C["outline"]
-    frame[y0 + 3:y1 - 3, x0 + 3:x1 - 3] = _C["box"]
+    frame[y0 + 3 : y1 - 3, x0 + 3 : x1 - 3] = _C["box"]
 
 
 def render(scene: Scene, grid_lines: bool = False) -> np.ndarray:
@@ -392,13 +447,13 @@ def render(scene: Scene, grid_lines: bool = False) -> np.ndarray:
         _text_lines(frame, 12, 6 * TILE_H + 10, 190, 2, scene.text_seed)
         if scene.dialogue == "text":  # red "more" arrow, bottom right
             for i in range(8):
-                frame[138 + i, 212 + i:228 - i] = _C["arrow"]
+                frame[138 + i, 212 + i : 228 - i] = _C["arrow"]
         else:  # YES/NO menu above the box, cursor on NO
             _box(frame, 6 * TILE_W, 3 * TILE_H, FRAME_W, 6 * TILE_H)
             frame[76:81, 200:225] = _C["ink"]
             frame[96:101, 200:220] = _C["ink"]
             for i, w in enumerate((2, 4, 6, 6, 4, 2)):  # cursor triangle pointing at NO
-                frame[95 + i, 190:190 + w] = _C["outline"]
+                frame[95 + i, 190 : 190 + w] = _C["outline"]
     return frame
 
 
@@ -438,14 +493,22 @@ def _goal_name(scene: Scene) -> str:
 def explain(scene: Scene, button: str) -> tuple[str, str, str]:
     """(reasoning, observations, context_detected) an expert would write for this turn."""
     if scene.dialogue == "text":
-        return ("A dialogue box is open with more text; press A to continue.",
-                "Dialogue box at the bottom of the screen with a continue arrow.", "dialogue")
+        return (
+            "A dialogue box is open with more text; press A to continue.",
+            "Dialogue box at the bottom of the screen with a continue arrow.",
+            "dialogue",
+        )
     if scene.dialogue == "question":
-        return ("A yes/no question is open; decline it with B.",
-                "Dialogue box with a YES/NO menu; the cursor is on NO.", "dialogue")
+        return (
+            "A yes/no question is open; decline it with B.",
+            "Dialogue box with a YES/NO menu; the cursor is on NO.",
+            "dialogue",
+        )
     name = _goal_name(scene)
-    obs = (f"Player at tile {scene.player[0]},{scene.player[1]} facing {scene.facing}; "
-           f"{name} at tile {scene.goal[0]},{scene.goal[1]}.")
+    obs = (
+        f"Player at tile {scene.player[0]},{scene.player[1]} facing {scene.facing}; "
+        f"{name} at tile {scene.goal[0]},{scene.goal[1]}."
+    )
     if button == "a":
         return f"Standing next to the {name} and facing it; press A to interact.", obs, "navigation"
     if scene.player in stand_tiles(scene):
@@ -453,9 +516,17 @@ def explain(scene: Scene, button: str) -> tuple[str, str, str]:
     return f"The shortest path to the {name} continues {button}.", obs, "navigation"
 
 
-def generate_session(seed: int, index: int, min_turns: int = 8, max_turns: int = 16,
-                     dialogue_rate: float = 0.08, question_rate: float = 0.7, paths: int = 0,
-                     grid_lines: bool = False, world_size: int = 12) -> DemoSession:
+def generate_session(
+    seed: int,
+    index: int,
+    min_turns: int = 8,
+    max_turns: int = 16,
+    dialogue_rate: float = 0.08,
+    question_rate: float = 0.7,
+    paths: int = 0,
+    grid_lines: bool = False,
+    world_size: int = 12,
+) -> DemoSession:
     """One session: a world, goals one after another, `min_turns..max_turns` expert turns."""
     if not 4 <= min_turns <= max_turns:
         raise ValueError(f"need 4 <= min_turns <= max_turns, got {min_turns}..{max_turns}")
@@ -464,8 +535,9 @@ def generate_session(seed: int, index: int, min_turns: int = 8, max_turns: int =
     goal_text = rng.choice(GOAL_SENTENCES)
     # Sessions of one seed never overlap in time; different seeds start on different days.
     base = datetime(2025, 7, 1, 8, 0, 0) + timedelta(days=seed % 3000)
-    start = base + timedelta(seconds=index * (max_turns * 14 + 120) + rng.randrange(60),
-                             microseconds=rng.randrange(1_000_000))
+    start = base + timedelta(
+        seconds=index * (max_turns * 14 + 120) + rng.randrange(60), microseconds=rng.randrange(1_000_000)
+    )
     if world_size < GRID:
         raise ValueError(f"world_size must be >= {GRID}, got {world_size}")
     scene = make_world(rng, paths, world_size)
@@ -500,37 +572,63 @@ def session_json(session: DemoSession) -> tuple[dict, list[dict]]:
     for turn in session.turns:
         now = now + timedelta(seconds=10 + rng.uniform(-1.5, 1.5))  # LLM turns are ~10 s apart
         executed = now - timedelta(seconds=rng.uniform(0.2, 1.5))
-        parsed = {"button_presses": [turn.button], "reasoning": turn.reasoning,
-                  "observations": turn.observations, "context_detected": turn.context_detected,
-                  "confidence": "high"}
-        va_raw = "```json\n" + json.dumps(VISUAL_ANALYSIS, indent=2) + "\n```"
-        turns.append({
-            "turn": turn.turn,
-            "timestamp": _iso(now),
-            "ai_analysis": {"parsed_json": parsed, "raw_text": "```json\n" + json.dumps(parsed, indent=2) + "\n```",
-                            "parsing_success": True},
+        parsed = {
             "button_presses": [turn.button],
-            "action_result": True,
-            "screenshot_path": f"screenshot_{turn.turn}.png",
-            "execution_time": _iso(executed),
-            "template_used": TEMPLATE[0],
+            "reasoning": turn.reasoning,
+            "observations": turn.observations,
+            "context_detected": turn.context_detected,
+            "confidence": "high",
+        }
+        va_raw = "```json\n" + json.dumps(VISUAL_ANALYSIS, indent=2) + "\n```"
+        turns.append(
+            {
+                "turn": turn.turn,
+                "timestamp": _iso(now),
+                "ai_analysis": {
+                    "parsed_json": parsed,
+                    "raw_text": "```json\n" + json.dumps(parsed, indent=2) + "\n```",
+                    "parsing_success": True,
+                },
+                "button_presses": [turn.button],
+                "action_result": True,
+                "screenshot_path": f"screenshot_{turn.turn}.png",
+                "execution_time": _iso(executed),
+                "template_used": TEMPLATE[0],
+                "template_version": TEMPLATE[1],
+                "visual_analysis": {"raw_pixtral_response": va_raw, **VISUAL_ANALYSIS},
+                "strategic_context": None,
+                "memory_context": None,
+            }
+        )
+        values = {
+            "turn_number": turn.turn,
+            "timestamp": _iso(now),
+            "movement_data": dict(VISUAL_ANALYSIS),
+            "template_selected": TEMPLATE[0],
             "template_version": TEMPLATE[1],
-            "visual_analysis": {"raw_pixtral_response": va_raw, **VISUAL_ANALYSIS},
-            "strategic_context": None,
-            "memory_context": None,
-        })
-        values = {"turn_number": turn.turn, "timestamp": _iso(now), "movement_data": dict(VISUAL_ANALYSIS),
-                  "template_selected": TEMPLATE[0], "template_version": TEMPLATE[1],
-                  "final_button_presses": [turn.button], "action_result": True, "execution_time": _iso(executed),
-                  "session_goal": session.goal, "turn_success": True, "include_in_fine_tuning": True}
+            "final_button_presses": [turn.button],
+            "action_result": True,
+            "execution_time": _iso(executed),
+            "session_goal": session.goal,
+            "turn_success": True,
+            "include_in_fine_tuning": True,
+        }
         enhanced.append({k: values.get(k) for k in TURN_DATA_KEYS})
     n = len(turns)
     start = _iso(session.start)
     data = {
-        "session_metadata": {"session_id": session.session_id, "goal": session.goal, "start_time": start,
-                             "status": "running", "total_turns": n, "successful_turns": n,
-                             "fine_tuning_eligible": max(0, n - 3)},
-        "session_id": session.session_id, "goal": session.goal, "start_time": start,
+        "session_metadata": {
+            "session_id": session.session_id,
+            "goal": session.goal,
+            "start_time": start,
+            "status": "running",
+            "total_turns": n,
+            "successful_turns": n,
+            "fine_tuning_eligible": max(0, n - 3),
+        },
+        "session_id": session.session_id,
+        "goal": session.goal,
+        "start_time": start,
         "turns": turns,
         "enhanced_turns": enhanced,
     }
@@ -539,8 +637,10 @@ def session_json(session: DemoSession) -> tuple[dict, list[dict]]:
 
 def visual_analysis_text(step: int, raw: str) -> str:
     """`step_NNNN_visual_analysis.txt` as written since 22 Jun (the raw response twice)."""
-    return (f"VISUAL ANALYSIS STEP {step}\n{'=' * 60}\n\nGRID SIZE: 8x8\nRAW PIXTRAL RESPONSE:\n{raw}\n\n"
-            f"--- RAW PIXTRAL RESPONSE ---\n{raw}\n--- END RAW RESPONSE ---\n")
+    return (
+        f"VISUAL ANALYSIS STEP {step}\n{'=' * 60}\n\nGRID SIZE: 8x8\nRAW PIXTRAL RESPONSE:\n{raw}\n\n"
+        f"--- RAW PIXTRAL RESPONSE ---\n{raw}\n--- END RAW RESPONSE ---\n"
+    )
 
 
 def write_session(session: DemoSession, runs_dir: Path) -> Path:
@@ -554,7 +654,8 @@ def write_session(session: DemoSession, runs_dir: Path) -> Path:
     for turn, va in zip(session.turns, analyses):
         (tmp / "sshots" / f"step_{turn.turn:04d}_grid.png").write_bytes(png_bytes(turn.frame))
         (tmp / f"step_{turn.turn:04d}_visual_analysis.txt").write_text(
-            visual_analysis_text(turn.turn, va["raw_pixtral_response"]), encoding="utf-8")
+            visual_analysis_text(turn.turn, va["raw_pixtral_response"]), encoding="utf-8"
+        )
     (tmp / "session_data.json").write_text(json.dumps(data, indent=2), encoding="utf-8")
     if final.exists():
         shutil.rmtree(final)
@@ -566,10 +667,20 @@ class DemoOutputError(ValueError):
     """The output folder holds runs this generator did not write (message says how to fix)."""
 
 
-def write_demo_sessions(output_dir: str | Path, sessions: int, seed: int = 0, min_turns: int = 8,
-                        max_turns: int = 16, dialogue_rate: float = 0.08, question_rate: float = 0.7,
-                        paths: int = 0, grid_lines: bool = False, world_size: int = 12,
-                        overwrite: bool = False, progress: Callable | None = None) -> dict:
+def write_demo_sessions(
+    output_dir: str | Path,
+    sessions: int,
+    seed: int = 0,
+    min_turns: int = 8,
+    max_turns: int = 16,
+    dialogue_rate: float = 0.08,
+    question_rate: float = 0.7,
+    paths: int = 0,
+    grid_lines: bool = False,
+    world_size: int = 12,
+    overwrite: bool = False,
+    progress: Callable | None = None,
+) -> dict:
     """Write `sessions` demo sessions to `output_dir/runs/` and a manifest; return the summary.
 
     An existing `runs/` with sessions is refused unless `overwrite`, and then only the sessions
@@ -581,21 +692,26 @@ def write_demo_sessions(output_dir: str | Path, sessions: int, seed: int = 0, mi
     existing = sorted(p.name for p in runs_dir.glob("session_*")) if runs_dir.is_dir() else []
     if existing:
         if not overwrite:
-            raise DemoOutputError(f"{runs_dir} already holds {len(existing)} sessions (pass --overwrite to "
-                                  f"replace an earlier demo output, or choose an empty --output_dir)")
+            raise DemoOutputError(
+                f"{runs_dir} already holds {len(existing)} sessions (pass --overwrite to "
+                f"replace an earlier demo output, or choose an empty --output_dir)"
+            )
         previous = json.loads(manifest_path.read_text()).get("sessions", []) if manifest_path.is_file() else []
         foreign = sorted(set(existing) - {f"session_{s}" for s in previous})
         if foreign:
-            raise DemoOutputError(f"{runs_dir} holds sessions this generator did not write (e.g. {foreign[0]}); "
-                                  f"choose another --output_dir")
+            raise DemoOutputError(
+                f"{runs_dir} holds sessions this generator did not write (e.g. {foreign[0]}); "
+                f"choose another --output_dir"
+            )
         for name in existing:
             shutil.rmtree(runs_dir / name)
     runs_dir.mkdir(parents=True, exist_ok=True)
     labels: Counter = Counter()
     ids, n_turns, repeats = [], 0, 0
     for index in (progress or (lambda it: it))(range(sessions)):
-        session = generate_session(seed, index, min_turns, max_turns, dialogue_rate, question_rate, paths,
-                                   grid_lines, world_size)
+        session = generate_session(
+            seed, index, min_turns, max_turns, dialogue_rate, question_rate, paths, grid_lines, world_size
+        )
         write_session(session, runs_dir)
         ids.append(session.session_id)
         buttons = [t.button for t in session.turns]
@@ -603,10 +719,19 @@ def write_demo_sessions(output_dir: str | Path, sessions: int, seed: int = 0, mi
         n_turns += len(buttons)
         repeats += sum(a == b for a, b in zip(buttons, buttons[1:]))
     summary = {
-        "generator": "pokemon_gemma.demo", "format": "eevee-v1 V3",
-        "params": {"sessions": sessions, "seed": seed, "min_turns": min_turns, "max_turns": max_turns,
-                   "dialogue_rate": dialogue_rate, "question_rate": question_rate, "paths": paths,
-                   "grid_lines": grid_lines, "world_size": world_size},
+        "generator": "pokemon_gemma.demo",
+        "format": "eevee-v1 V3",
+        "params": {
+            "sessions": sessions,
+            "seed": seed,
+            "min_turns": min_turns,
+            "max_turns": max_turns,
+            "dialogue_rate": dialogue_rate,
+            "question_rate": question_rate,
+            "paths": paths,
+            "grid_lines": grid_lines,
+            "world_size": world_size,
+        },
         "turns": n_turns,
         "labels": dict(sorted(labels.items(), key=lambda kv: -kv[1])),
         "majority_share": round(max(labels.values()) / n_turns, 4) if n_turns else 0.0,
@@ -617,6 +742,25 @@ def write_demo_sessions(output_dir: str | Path, sessions: int, seed: int = 0, mi
     return summary
 
 
-__all__ = ["GRID", "TILE_W", "TILE_H", "FRAME_W", "FRAME_H", "CENTRE", "GOAL_SENTENCES", "Scene", "DemoSession",
-           "view_of", "DemoOutputError", "expert_button", "apply_button", "render", "make_world", "place_goal",
-           "generate_session", "session_json", "write_session", "write_demo_sessions"]
+__all__ = [
+    "GRID",
+    "TILE_W",
+    "TILE_H",
+    "FRAME_W",
+    "FRAME_H",
+    "CENTRE",
+    "GOAL_SENTENCES",
+    "Scene",
+    "DemoSession",
+    "view_of",
+    "DemoOutputError",
+    "expert_button",
+    "apply_button",
+    "render",
+    "make_world",
+    "place_goal",
+    "generate_session",
+    "session_json",
+    "write_session",
+    "write_demo_sessions",
+]

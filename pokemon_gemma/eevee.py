@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .dataset import BUTTONS
 
@@ -26,10 +27,20 @@ SESSION_DATA = "session_data.json"
 TOP_KEYS_V0 = {"goal", "total_turns", "max_turns", "session_duration", "gameplay_history", "final_status"}
 TOP_KEYS_V1 = {"session_id", "goal", "start_time", "turns", "session_metadata", "enhanced_turns"}
 TURN_KEYS = {
-    "turn", "timestamp", "goal", "ai_analysis", "button_presses", "action_result", "screenshot_path",
-    "execution_time", "battle_context",                              # V0
-    "template_used", "template_version",                             # V1b
-    "visual_analysis", "strategic_context", "memory_context",        # V3
+    "turn",
+    "timestamp",
+    "goal",
+    "ai_analysis",
+    "button_presses",
+    "action_result",
+    "screenshot_path",
+    "execution_time",
+    "battle_context",  # V0
+    "template_used",
+    "template_version",  # V1b
+    "visual_analysis",
+    "strategic_context",
+    "memory_context",  # V3
 }
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _JSON_BLOCK = re.compile(r"```json\s*(\{.*?\})\s*```", re.S)
@@ -62,22 +73,22 @@ class SessionError(Exception):
 class Turn:
     """One recorded turn. `error` set means the turn is malformed and breaks every window over it."""
 
-    index: int                              # position in the recorded list
-    turn: int | None = None                 # loop counter (1-based; may have holes)
-    time: float | None = None               # seconds since the epoch (naive local time)
+    index: int  # position in the recorded list
+    turn: int | None = None  # loop counter (1-based; may have holes)
+    time: float | None = None  # seconds since the epoch (naive local time)
     decision: dict[str, Any] | None = None  # ai_analysis.parsed_json (or the ```json block of a V0/V1 string)
-    buttons: list[str] = field(default_factory=list)   # valid buttons of the decision, lower case, in order
-    raw_buttons: list[Any] | None = None    # decision.button_presses as written (may hold invalid names)
-    no_label_reason: str | None = None      # why this turn cannot be a target (None when it has a label)
-    frame: Path | None = None               # candidate frame file (existence not yet checked), None if none
+    buttons: list[str] = field(default_factory=list)  # valid buttons of the decision, lower case, in order
+    raw_buttons: list[Any] | None = None  # decision.button_presses as written (may hold invalid names)
+    no_label_reason: str | None = None  # why this turn cannot be a target (None when it has a label)
+    frame: Path | None = None  # candidate frame file (existence not yet checked), None if none
     template_used: str = "unknown"
     template_version: str = "unknown"
     confidence: str | None = None
     context_detected: str | None = None
     reasoning: str = ""
     observations: str = ""
-    scene_type: str | None = None           # V3 visual_analysis.scene_type
-    error: str | None = None                # reason code when malformed
+    scene_type: str | None = None  # V3 visual_analysis.scene_type
+    error: str | None = None  # reason code when malformed
     error_detail: str = ""
 
     @property
@@ -213,7 +224,10 @@ def _read_turn(raw: Any, index: int, session_dir: Path, prev_turn: int | None) -
     if t.time is None:
         t.time = parse_time(raw.get("execution_time"))  # V1+ execution_time is ISO; V0's is a duration
     if t.time is None:
-        t.error, t.error_detail = "bad_timestamp", f"turns[{index}].timestamp {raw.get('timestamp')!r} is not an ISO time"
+        t.error, t.error_detail = (
+            "bad_timestamp",
+            f"turns[{index}].timestamp {raw.get('timestamp')!r} is not an ISO time",
+        )
         return t
 
     analysis = raw.get("ai_analysis")
@@ -261,7 +275,7 @@ def _session_id(data: dict[str, Any], session_dir: Path) -> str:
         if isinstance(value, str) and _SAFE_ID.match(value):
             return value
     name = session_dir.name
-    return name[len("session_"):] if name.startswith("session_") else name
+    return name[len("session_") :] if name.startswith("session_") else name
 
 
 def read_session(session_dir: str | Path) -> Session:
@@ -270,8 +284,13 @@ def read_session(session_dir: str | Path) -> Session:
     data_file = session_dir / SESSION_DATA
     where = str(data_file)
     if not data_file.is_file():
-        raise SessionError(Problem(str(session_dir), "no_session_data",
-                                   f"no {SESSION_DATA} (a stand-alone visual-analysis folder or an interrupted run)"))
+        raise SessionError(
+            Problem(
+                str(session_dir),
+                "no_session_data",
+                f"no {SESSION_DATA} (a stand-alone visual-analysis folder or an interrupted run)",
+            )
+        )
     try:
         text = data_file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -281,14 +300,20 @@ def read_session(session_dir: str | Path) -> Session:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise SessionError(Problem(f"{where}:{exc.lineno}", "invalid_json",
-                                   f"{exc.msg} at column {exc.colno} (truncated or hand-edited file?)")) from None
+        raise SessionError(
+            Problem(
+                f"{where}:{exc.lineno}",
+                "invalid_json",
+                f"{exc.msg} at column {exc.colno} (truncated or hand-edited file?)",
+            )
+        ) from None
     if not isinstance(data, dict):
         raise SessionError(Problem(where, "wrong_type", f"top level is a {_type_name(data)}, expected an object"))
     key = "gameplay_history" if "gameplay_history" in data else "turns"
     if key not in data:
-        raise SessionError(Problem(where, "unrecognised_format",
-                                   f"no 'turns' or 'gameplay_history' list (keys: {sorted(data)[:8]})"))
+        raise SessionError(
+            Problem(where, "unrecognised_format", f"no 'turns' or 'gameplay_history' list (keys: {sorted(data)[:8]})")
+        )
     raw_turns = data[key]
     if not isinstance(raw_turns, list):
         raise SessionError(Problem(where, "wrong_type", f"'{key}' is a {_type_name(raw_turns)}, expected a list"))
@@ -316,9 +341,28 @@ def read_session(session_dir: str | Path) -> Session:
         elif t.turn is not None:
             prev = t.turn
         turns.append(t)
-    return Session(session_id=_session_id(data, session_dir), dir=session_dir, data_file=data_file, goal=goal,
-                   version=_version(data, raw_turns), turns=turns, problems=problems)
+    return Session(
+        session_id=_session_id(data, session_dir),
+        dir=session_dir,
+        data_file=data_file,
+        goal=goal,
+        version=_version(data, raw_turns),
+        turns=turns,
+        problems=problems,
+    )
 
 
-__all__ = ["Problem", "Session", "SessionError", "Turn", "decision_buttons", "extract_json_block", "find_frame",
-           "find_runs_dir", "iter_session_dirs", "parse_time", "read_session", "scene_from_visual_txt"]
+__all__ = [
+    "Problem",
+    "Session",
+    "SessionError",
+    "Turn",
+    "decision_buttons",
+    "extract_json_block",
+    "find_frame",
+    "find_runs_dir",
+    "iter_session_dirs",
+    "parse_time",
+    "read_session",
+    "scene_from_visual_txt",
+]

@@ -22,13 +22,15 @@ import logging
 import math
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Protocol
 
 from .dataset import BUTTONS, Record, load_records
-from .export import EXPORT_MANIFEST as MLX_MANIFEST, MERGE_MANIFEST
+from .export import EXPORT_MANIFEST as MLX_MANIFEST
+from .export import MERGE_MANIFEST
 from .fileio import atomic_write_json, atomic_write_jsonl, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -59,8 +61,18 @@ class Backend(Protocol):
 class TorchBackend:
     """The shared `ButtonScorer` over a transformers model (optionally with a LoRA adapter)."""
 
-    def __init__(self, model, processor, *, kind: str, max_seq_length: int = 2048, frame_layout: str = "images",
-                 blank_frames: bool = False, base_model: str | None = None, adapter_path: str | None = None):
+    def __init__(
+        self,
+        model,
+        processor,
+        *,
+        kind: str,
+        max_seq_length: int = 2048,
+        frame_layout: str = "images",
+        blank_frames: bool = False,
+        base_model: str | None = None,
+        adapter_path: str | None = None,
+    ):
         from .collate import Collator
         from .scoring import ButtonScorer
 
@@ -128,9 +140,17 @@ def model_kind(model_name: str, adapter_path: str | None, backend: str = "auto")
     return "base"
 
 
-def load_backend(model_name: str, adapter_path: str | None = None, *, backend: str = "auto",
-                 frame_layout: str = "images", blank_frames: bool = False, max_seq_length: int = 2048,
-                 precision: str = "no", token: str | None = None) -> Backend:
+def load_backend(
+    model_name: str,
+    adapter_path: str | None = None,
+    *,
+    backend: str = "auto",
+    frame_layout: str = "images",
+    blank_frames: bool = False,
+    max_seq_length: int = 2048,
+    precision: str = "no",
+    token: str | None = None,
+) -> Backend:
     """Load any of the four model kinds; raise EvalError (one line) when it cannot be loaded."""
     from .modeling import ModelLoadError, adapter_base_model, is_adapter_dir, load_for_inference
 
@@ -143,7 +163,9 @@ def load_backend(model_name: str, adapter_path: str | None = None, *, backend: s
 
             scorer = MlxButtonScorer(model_name, frame_layout=frame_layout, max_seq_length=max_seq_length)
         except ImportError as exc:
-            raise EvalError(f"the MLX backend is not available ({exc}); install mlx-vlm or use --backend torch") from None
+            raise EvalError(
+                f"the MLX backend is not available ({exc}); install mlx-vlm or use --backend torch"
+            ) from None
         except (OSError, ValueError, RuntimeError, ModelLoadError) as exc:
             raise EvalError(f"cannot load MLX export {model_name}: {_first_line(exc)}") from None
         return MlxBackend(scorer, blank_frames=blank_frames)
@@ -151,8 +173,10 @@ def load_backend(model_name: str, adapter_path: str | None = None, *, backend: s
         try:
             adapter_path, model_name = model_name, adapter_base_model(model_name)
         except (OSError, ValueError, KeyError) as exc:
-            raise EvalError(f"{model_name}/adapter_config.json: no readable base_model_name_or_path "
-                            f"({_first_line(exc)}; pass --model_name BASE --adapter_path {model_name})") from None
+            raise EvalError(
+                f"{model_name}/adapter_config.json: no readable base_model_name_or_path "
+                f"({_first_line(exc)}; pass --model_name BASE --adapter_path {model_name})"
+            ) from None
         log.info("%s is a LoRA adapter; loading its base model %s", adapter_path, model_name)
     try:
         model, processor = load_for_inference(model_name, adapter_path, precision=precision, token=token)
@@ -160,8 +184,16 @@ def load_backend(model_name: str, adapter_path: str | None = None, *, backend: s
         raise EvalError(str(exc)) from None
     except (OSError, ValueError, KeyError, RuntimeError) as exc:  # e.g. an adapter that does not fit its base
         raise EvalError(f"cannot load {adapter_path or model_name}: {_first_line(exc)}") from None
-    return TorchBackend(model, processor, kind=kind, max_seq_length=max_seq_length, frame_layout=frame_layout,
-                        blank_frames=blank_frames, base_model=model_name, adapter_path=adapter_path)
+    return TorchBackend(
+        model,
+        processor,
+        kind=kind,
+        max_seq_length=max_seq_length,
+        frame_layout=frame_layout,
+        blank_frames=blank_frames,
+        base_model=model_name,
+        adapter_path=adapter_path,
+    )
 
 
 def run_frame_layout(model_name: str, adapter_path: str | None) -> str | None:
@@ -211,8 +243,16 @@ def previous_button(record: Record) -> str | None:
     return None
 
 
-def predict(backend: Backend, records: list[Record], mode: str = "score", *, max_new_tokens: int = 96,
-            batch_size: int = 1, progress: bool = True, frame_loader=None) -> tuple[list[Prediction], list[dict]]:
+def predict(
+    backend: Backend,
+    records: list[Record],
+    mode: str = "score",
+    *,
+    max_new_tokens: int = 96,
+    batch_size: int = 1,
+    progress: bool = True,
+    frame_loader=None,
+) -> tuple[list[Prediction], list[dict]]:
     """Run the backend over the records: (predictions, skipped [{index, sample_id, reason}]).
 
     Score mode takes one sample at a time (its 8 answers already share one prompt pass); generate mode
@@ -230,27 +270,36 @@ def predict(backend: Backend, records: list[Record], mode: str = "score", *, max
     with tqdm(total=len(records), desc=f"evaluate ({mode})", unit="sample", disable=not progress) as bar:
         for i in range(0, len(records), step):
             batch = []
-            for index, record in enumerate(records[i:i + step], start=i):
+            for index, record in enumerate(records[i : i + step], start=i):
                 try:
                     batch.append((record, [frames_of.load(p) for p in record.frames]))
                 except SampleError as exc:
                     skipped.append({"index": index, "sample_id": record.sample_id, "reason": str(exc)})
             if batch:
                 predictions += _predict_batch(backend, batch, mode, max_new_tokens)
-            bar.update(len(records[i:i + step]))
+            bar.update(len(records[i : i + step]))
     return predictions, skipped
 
 
-def _predict_batch(backend: Backend, batch: list[tuple[Record, list]], mode: str,
-                   max_new_tokens: int) -> list[Prediction]:
+def _predict_batch(
+    backend: Backend, batch: list[tuple[Record, list]], mode: str, max_new_tokens: int
+) -> list[Prediction]:
     from .scoring import parse_generated
 
     start = time.perf_counter()
     if mode == "score":
-        (record, frames), = batch
+        ((record, frames),) = batch
         scores = backend.score(frames, record.context, record.question)
-        return [Prediction(record.sample_id, record.button, scores.button, scene_context(record),
-                           time.perf_counter() - start, probabilities=scores.probabilities)]
+        return [
+            Prediction(
+                record.sample_id,
+                record.button,
+                scores.button,
+                scene_context(record),
+                time.perf_counter() - start,
+                probabilities=scores.probabilities,
+            )
+        ]
     items = [(frames, r.context, r.question) for r, frames in batch]
     if len(items) == 1:
         texts = [backend.generate(*items[0], max_new_tokens=max_new_tokens)]
@@ -260,14 +309,27 @@ def _predict_batch(backend: Backend, batch: list[tuple[Record, list]], mode: str
     out = []
     for (record, _), text in zip(batch, texts):
         parsed, error = parse_generated(text)
-        out.append(Prediction(record.sample_id, record.button, parsed["button"] if parsed else INVALID,
-                              scene_context(record), latency, raw_output=text, error=error))
+        out.append(
+            Prediction(
+                record.sample_id,
+                record.button,
+                parsed["button"] if parsed else INVALID,
+                scene_context(record),
+                latency,
+                raw_output=text,
+                error=error,
+            )
+        )
     return out
 
 
 # --------------------------------------------------------------------------- metrics
-def confusion_matrix(true: list[str], predicted: list[str], labels: Iterable[str] = BUTTONS,
-                     predicted_labels: Iterable[str] | None = None) -> list[list[int]]:
+def confusion_matrix(
+    true: list[str],
+    predicted: list[str],
+    labels: Iterable[str] = BUTTONS,
+    predicted_labels: Iterable[str] | None = None,
+) -> list[list[int]]:
     labels = list(labels)
     cols = list(predicted_labels) if predicted_labels is not None else labels
     matrix = [[0] * len(cols) for _ in labels]
@@ -307,8 +369,10 @@ def accuracy_by_context(predictions: list[Prediction]) -> dict[str, dict[str, fl
     groups: dict[str, list[bool]] = {}
     for p in predictions:
         groups.setdefault(p.context, []).append(p.correct)
-    return {ctx: {"n": len(v), "correct": sum(v), "accuracy": sum(v) / len(v)}
-            for ctx, v in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))}
+    return {
+        ctx: {"n": len(v), "correct": sum(v), "accuracy": sum(v) / len(v)}
+        for ctx, v in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+    }
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -342,18 +406,29 @@ def compute_baselines(records: list[Record], train_records: list[Record] | None 
     previous = [previous_button(r) for r in records]
     missing = sum(1 for p in previous if p is None)
     return {
-        "majority": {"button": majority, "source": source,
-                     "accuracy": sum(t == majority for t in true) / n if n else 0.0},
-        "repeat_last": {"accuracy": sum(p == t for p, t in zip(previous, true)) / n if n else 0.0,
-                        "n_missing_previous": missing,
-                        "note": "samples without metadata.previous_buttons count as wrong"},
+        "majority": {
+            "button": majority,
+            "source": source,
+            "accuracy": sum(t == majority for t in true) / n if n else 0.0,
+        },
+        "repeat_last": {
+            "accuracy": sum(p == t for p, t in zip(previous, true)) / n if n else 0.0,
+            "n_missing_previous": missing,
+            "note": "samples without metadata.previous_buttons count as wrong",
+        },
         "uniform_random": {"accuracy": 1 / len(BUTTONS), "note": "expected accuracy of a uniform guess"},
     }
 
 
-def build_report(predictions: list[Prediction], records: list[Record], *, mode: str,
-                 train_records: list[Record] | None = None, info: dict[str, Any] | None = None,
-                 skipped: list[dict] | None = None) -> dict[str, Any]:
+def build_report(
+    predictions: list[Prediction],
+    records: list[Record],
+    *,
+    mode: str,
+    train_records: list[Record] | None = None,
+    info: dict[str, Any] | None = None,
+    skipped: list[dict] | None = None,
+) -> dict[str, Any]:
     """The eval_report.json object: metrics over `predictions`, baselines over the same samples."""
     skipped_at = {s["index"] for s in skipped or []}
     same = [r for i, r in enumerate(records) if i not in skipped_at]  # baselines on the evaluated samples
@@ -371,13 +446,19 @@ def build_report(predictions: list[Prediction], records: list[Record], *, mode: 
         "accuracy": sum(p.correct for p in predictions) / n if n else 0.0,
         "macro_f1": macro_f1(per_button),
         "per_button": per_button,
-        "confusion_matrix": {"labels": list(BUTTONS), "predicted_labels": cols,
-                             "matrix": confusion_matrix(true, pred, BUTTONS, cols),
-                             "note": "rows are true buttons, columns predicted"},
+        "confusion_matrix": {
+            "labels": list(BUTTONS),
+            "predicted_labels": cols,
+            "matrix": confusion_matrix(true, pred, BUTTONS, cols),
+            "note": "rows are true buttons, columns predicted",
+        },
         "accuracy_by_context": accuracy_by_context(predictions),
         "latency_s": latency_stats([p.latency_s for p in predictions]),
-        "json_valid_rate": None, "invalid_json": None, "invalid_button": None,
-        "mean_probability": None, "mean_true_probability": None,
+        "json_valid_rate": None,
+        "invalid_json": None,
+        "invalid_button": None,
+        "mean_probability": None,
+        "mean_true_probability": None,
         "baselines": compute_baselines(same, train_records),
     }
     if mode == "generate":
@@ -425,35 +506,52 @@ def load_eval_records(cfg: EvalConfig) -> tuple[list[Record], list[Record] | Non
     return records, train
 
 
-def evaluate(cfg: EvalConfig, backend: Backend | None = None, *, progress: bool = True,
-             token: str | None = None) -> dict[str, Any]:
+def evaluate(
+    cfg: EvalConfig, backend: Backend | None = None, *, progress: bool = True, token: str | None = None
+) -> dict[str, Any]:
     """Evaluate and write eval_report.json/.md, predictions.jsonl and the PNGs into cfg.output_dir."""
     records, train = load_eval_records(cfg)
     if cfg.mode not in MODES:
         raise EvalError(f"--mode must be one of {', '.join(MODES)}")
     if backend is None:
-        backend = load_backend(cfg.model_name, cfg.adapter_path, backend=cfg.backend, frame_layout=cfg.frame_layout,
-                               blank_frames=cfg.blank_frames, max_seq_length=cfg.max_seq_length,
-                               precision=cfg.precision, token=token)
+        backend = load_backend(
+            cfg.model_name,
+            cfg.adapter_path,
+            backend=cfg.backend,
+            frame_layout=cfg.frame_layout,
+            blank_frames=cfg.blank_frames,
+            max_seq_length=cfg.max_seq_length,
+            precision=cfg.precision,
+            token=token,
+        )
     from .collate import SampleError
 
     try:
-        predictions, skipped = predict(backend, records, cfg.mode, max_new_tokens=cfg.max_new_tokens,
-                                       batch_size=cfg.batch_size, progress=progress)
+        predictions, skipped = predict(
+            backend, records, cfg.mode, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, progress=progress
+        )
     except SampleError as exc:  # the prompt does not fit this model/processor: systematic, not per sample
         raise EvalError(f"{cfg.dataset_path}: {exc}") from None
     if not predictions:
-        raise EvalError(f"{cfg.dataset_path}: no sample could be evaluated ({len(skipped)} skipped: "
-                        f"{skipped[0]['reason'] if skipped else 'empty'})")
+        raise EvalError(
+            f"{cfg.dataset_path}: no sample could be evaluated ({len(skipped)} skipped: "
+            f"{skipped[0]['reason'] if skipped else 'empty'})"
+        )
     info = {
-        "model_name": cfg.model_name, "adapter_path": cfg.adapter_path, "model_kind": getattr(backend, "kind", "?"),
+        "model_name": cfg.model_name,
+        "adapter_path": cfg.adapter_path,
+        "model_kind": getattr(backend, "kind", "?"),
         "backend": "mlx" if getattr(backend, "kind", "") == "mlx" else "torch",
-        "dataset_path": str(cfg.dataset_path), "train_dataset_path": cfg.train_dataset_path,
+        "dataset_path": str(cfg.dataset_path),
+        "train_dataset_path": cfg.train_dataset_path,
         "resolved_base_model": getattr(backend, "base_model", None),
         "resolved_adapter_path": getattr(backend, "adapter_path", None),
-        "blank_frames": cfg.blank_frames, "frame_layout": cfg.frame_layout, "limit": cfg.limit,
+        "blank_frames": cfg.blank_frames,
+        "frame_layout": cfg.frame_layout,
+        "limit": cfg.limit,
         "batch_size": cfg.batch_size,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **cfg.extra,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        **cfg.extra,
     }
     report = build_report(predictions, records, mode=cfg.mode, train_records=train, info=info, skipped=skipped)
     write_outputs(report, predictions, cfg.output_dir)
@@ -468,19 +566,30 @@ def write_outputs(report: dict[str, Any], predictions: list[Prediction], output_
     atomic_write_jsonl(out / PREDICTIONS, (_prediction_row(p) for p in predictions))
     cm = report["confusion_matrix"]
     title = _short_title(report)
-    plots.confusion_matrix_png(cm["matrix"], cm["labels"], cm["predicted_labels"], out / CONFUSION_PNG,
-                               title=f"Confusion matrix — {title}")
-    plots.accuracy_by_context_png(report["accuracy_by_context"], out / CONTEXT_PNG, overall=report["accuracy"],
-                                  baselines={k: v["accuracy"] for k, v in report["baselines"].items()},
-                                  title=f"Accuracy by scene context — {title}")
+    plots.confusion_matrix_png(
+        cm["matrix"], cm["labels"], cm["predicted_labels"], out / CONFUSION_PNG, title=f"Confusion matrix — {title}"
+    )
+    plots.accuracy_by_context_png(
+        report["accuracy_by_context"],
+        out / CONTEXT_PNG,
+        overall=report["accuracy"],
+        baselines={k: v["accuracy"] for k, v in report["baselines"].items()},
+        title=f"Accuracy by scene context — {title}",
+    )
     atomic_write_text(out / REPORT_MD, markdown_report(report))
     atomic_write_json(out / REPORT_JSON, report)  # last: its presence means the folder is complete
     return out
 
 
 def _prediction_row(p: Prediction) -> dict[str, Any]:
-    row = {"sample_id": p.sample_id, "true": p.true, "predicted": p.predicted, "correct": p.correct,
-           "context": p.context, "latency_s": round(p.latency_s, 6)}
+    row = {
+        "sample_id": p.sample_id,
+        "true": p.true,
+        "predicted": p.predicted,
+        "correct": p.correct,
+        "context": p.context,
+        "latency_s": round(p.latency_s, 6),
+    }
     if p.probabilities is not None:
         row["probabilities"] = {b: round(v, 6) for b, v in p.probabilities.items()}
     if p.raw_output is not None:
@@ -491,7 +600,9 @@ def _prediction_row(p: Prediction) -> dict[str, Any]:
 def _short_title(report: dict[str, Any]) -> str:
     path = Path(report.get("adapter_path") or report.get("model_name") or "model")
     # A run's best/ or checkpoint-N/ says little alone: name its run too.
-    name = f"{path.parent.name}/{path.name}" if path.name == "best" or path.name.startswith("checkpoint-") else path.name
+    name = (
+        f"{path.parent.name}/{path.name}" if path.name == "best" or path.name.startswith("checkpoint-") else path.name
+    )
     return f"{name} ({report['mode']}{', blank frames' if report.get('blank_frames') else ''})"
 
 
@@ -513,7 +624,8 @@ def markdown_report(report: dict[str, Any]) -> str:
     lines = [
         f"# Evaluation: {_short_title(report)}",
         "",
-        f"- model: `{report.get('model_name')}`" + (f" + adapter `{report['adapter_path']}`" if report.get("adapter_path") else "")
+        f"- model: `{report.get('model_name')}`"
+        + (f" + adapter `{report['adapter_path']}`" if report.get("adapter_path") else "")
         + f" ({report.get('model_kind')}, {report.get('backend')})",
         f"- data: `{report.get('dataset_path')}` — {report['n']} samples"
         + (f", {report['n_skipped']} skipped" if report.get("n_skipped") else ""),
@@ -522,8 +634,10 @@ def markdown_report(report: dict[str, Any]) -> str:
         f"- latency per sample: mean {_ms(lat['mean'])}, p50 {_ms(lat['p50'])}, p95 {_ms(lat['p95'])}",
     ]
     if report["mode"] == "generate":
-        lines.append(f"- valid JSON answers: {_fmt(report['json_valid_rate'])} "
-                     f"(invalid JSON {report['invalid_json']}, invalid button {report['invalid_button']})")
+        lines.append(
+            f"- valid JSON answers: {_fmt(report['json_valid_rate'])} "
+            f"(invalid JSON {report['invalid_json']}, invalid button {report['invalid_button']})"
+        )
     lines += [
         "",
         "| | accuracy |",
@@ -536,11 +650,13 @@ def markdown_report(report: dict[str, Any]) -> str:
         "",
         f"Macro F1: {_fmt(report['macro_f1'])}",
         "",
-        "| button | precision | recall | F1 | support | predicted |" + (" mean prob |" if report["mean_probability"] else ""),
+        "| button | precision | recall | F1 | support | predicted |"
+        + (" mean prob |" if report["mean_probability"] else ""),
         "|---|---|---|---|---|---|" + ("---|" if report["mean_probability"] else ""),
     ]
     for button, m in report["per_button"].items():
-        row = f"| {button} | {_fmt(m['precision'])} | {_fmt(m['recall'])} | {_fmt(m['f1'])} | {m['support']} | {m['predicted']} |"
+        cells = [_fmt(m["precision"]), _fmt(m["recall"]), _fmt(m["f1"]), m["support"], m["predicted"]]
+        row = f"| {button} | " + " | ".join(str(c) for c in cells) + " |"
         if report["mean_probability"]:
             row += f" {_fmt(report['mean_probability'][button])} |"
         lines.append(row)

@@ -24,10 +24,11 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -48,8 +49,14 @@ MLX_LOGIT_TOLERANCE = 1e-3
 MIN_BUTTON_AGREEMENT = 0.9
 # Files a processor/tokenizer may need; merged and MLX folders get every one the source had.
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-    "added_tokens.json", "chat_template.jinja", "chat_template.json", "processor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "processor_config.json",
     "preprocessor_config.json",
 )
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -78,7 +85,7 @@ def package_versions() -> dict[str, str | None]:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -104,8 +111,10 @@ def check_free_disk(folder: str | Path, needed_bytes: int) -> None:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if needed_bytes > free:
-        raise ExportError(f"{folder}: not enough disk: need {needed_bytes / 1e9:.2f} GB, "
-                          f"{free / 1e9:.2f} GB free (free space or choose another --output_path)")
+        raise ExportError(
+            f"{folder}: not enough disk: need {needed_bytes / 1e9:.2f} GB, "
+            f"{free / 1e9:.2f} GB free (free space or choose another --output_path)"
+        )
 
 
 def _weights_bytes(folder: Path) -> int:
@@ -172,11 +181,12 @@ def fixed_samples(n: int, seed: int = 0) -> list[VerifySample]:
         session = generate_session(seed, index)
         index += 1
         for end in range(3, len(session.turns), 3):
-            window = session.turns[end - 3:end + 1]
+            window = session.turns[end - 3 : end + 1]
             turn = window[-1]
             record = Record(
                 frames=[f"demo:{session.session_id}:{t.turn}" for t in window],
-                context=f"Session goal: {session.goal}.", question=QUESTION,
+                context=f"Session goal: {session.goal}.",
+                question=QUESTION,
                 output=make_output(turn.button, turn.reasoning, turn.context_detected, turn.observations),
                 metadata={"session_id": session.session_id, "turns": [t.turn for t in window]},
             )
@@ -197,8 +207,8 @@ def samples_from_jsonl(path: str | Path, n: int) -> list[VerifySample]:
 
 def load_samples(verify_data: str | None, n: int) -> tuple[list[VerifySample], str]:
     if verify_data:
-        from .dataset import JsonlError, RecordError
         from .collate import SampleError
+        from .dataset import JsonlError, RecordError
 
         try:
             return samples_from_jsonl(verify_data, n), str(verify_data)
@@ -215,8 +225,9 @@ def torch_logits(model, collator, sample: VerifySample, token_type_ids: bool = T
     enc = collator.encode(sample.record, with_answer=True, images=sample.frames)
     param = next(p for p in model.parameters() if p.is_floating_point())
     ids = enc.input_ids[None].to(param.device)
-    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids),
-                  pixel_values=enc.pixel_values.to(param.device, param.dtype))
+    kwargs = dict(
+        input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=enc.pixel_values.to(param.device, param.dtype)
+    )
     if token_type_ids:
         kwargs["token_type_ids"] = enc.token_type_ids[None].to(param.device)
     with torch.no_grad():
@@ -228,11 +239,15 @@ def validate_adapter(lora_path: str | Path) -> Path:
     """The adapter weights file; one-line errors for a missing folder or files."""
     lora = Path(lora_path)
     if not lora.is_dir():
-        raise ExportError(f"{lora}: adapter folder not found (pass the training run folder, its best/ or a "
-                          "checkpoint-N/)", code=2)
+        raise ExportError(
+            f"{lora}: adapter folder not found (pass the training run folder, its best/ or a checkpoint-N/)", code=2
+        )
     if not (lora / "adapter_config.json").is_file():
-        raise ExportError(f"{lora}/adapter_config.json: missing (not a LoRA adapter folder; pass the run folder, "
-                          "best/ or checkpoint-N/ that holds adapter_config.json)", code=2)
+        raise ExportError(
+            f"{lora}/adapter_config.json: missing (not a LoRA adapter folder; pass the run folder, "
+            "best/ or checkpoint-N/ that holds adapter_config.json)",
+            code=2,
+        )
     try:
         json.loads((lora / "adapter_config.json").read_text())
     except ValueError as exc:
@@ -240,8 +255,11 @@ def validate_adapter(lora_path: str | Path) -> Path:
     for name in ADAPTER_WEIGHTS:
         if (lora / name).is_file():
             return lora / name
-    raise ExportError(f"{lora}/adapter_model.safetensors: missing (the adapter folder has no weights; "
-                      "re-save the adapter or pass another checkpoint)", code=2)
+    raise ExportError(
+        f"{lora}/adapter_model.safetensors: missing (the adapter folder has no weights; "
+        "re-save the adapter or pass another checkpoint)",
+        code=2,
+    )
 
 
 def _load_adapter(model, lora_path: Path, base_model: str):
@@ -254,15 +272,19 @@ def _load_adapter(model, lora_path: Path, base_model: str):
     except (RuntimeError, ValueError, KeyError) as exc:
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
         reason = next((ln for ln in lines if "size mismatch" in ln), lines[0] if lines else type(exc).__name__)
-        raise ExportError(f"adapter/base mismatch: {lora_path} does not fit {base_model} ({reason}; "
-                          "was the adapter trained on another model?)") from None
+        raise ExportError(
+            f"adapter/base mismatch: {lora_path} does not fit {base_model} ({reason}; "
+            "was the adapter trained on another model?)"
+        ) from None
     # peft only warns when adapter tensors find no module; a merge would then silently do nothing.
     saved = set(load_peft_weights(str(lora_path), device="cpu"))
     loaded = set(get_peft_model_state_dict(peft_model))
     missing = sorted(saved - loaded)
     if missing:
-        raise ExportError(f"adapter/base mismatch: {len(missing)} of {len(saved)} adapter tensors of {lora_path} "
-                          f"have no module in {base_model} (e.g. {missing[0]})")
+        raise ExportError(
+            f"adapter/base mismatch: {len(missing)} of {len(saved)} adapter tensors of {lora_path} "
+            f"have no module in {base_model} (e.g. {missing[0]})"
+        )
     return peft_model
 
 
@@ -274,7 +296,8 @@ def _adapter_summary(lora_path: Path, weights: Path) -> dict[str, Any]:
         "sha256": file_sha256(weights),
         "config_sha256": file_sha256(lora_path / "adapter_config.json"),
         "base_model_name_or_path": cfg.get("base_model_name_or_path"),
-        "r": cfg.get("r"), "lora_alpha": cfg.get("lora_alpha"),
+        "r": cfg.get("r"),
+        "lora_alpha": cfg.get("lora_alpha"),
         "target_modules": cfg.get("target_modules"),
     }
 
@@ -300,12 +323,20 @@ def _frame_layout(lora_path: Path) -> str | None:
     return layout if layout in ("images", "grid") else None
 
 
-def merge_lora(base_model: str, lora_path: str | Path, output_path: str | Path, *, dtype: str = "bf16",
-               verify: bool = True, overwrite: bool = False, n_samples: int = 3, verify_data: str | None = None,
-               token: str | None = None) -> dict[str, Any]:
+def merge_lora(
+    base_model: str,
+    lora_path: str | Path,
+    output_path: str | Path,
+    *,
+    dtype: str = "bf16",
+    verify: bool = True,
+    overwrite: bool = False,
+    n_samples: int = 3,
+    verify_data: str | None = None,
+    token: str | None = None,
+) -> dict[str, Any]:
     """Merge, save and (optionally) verify; returns the manifest. Raises ExportError; a verification
     failure still writes the folder and the manifest (with `verification.passed: false`)."""
-    import torch
     from transformers import AutoModelForImageTextToText
 
     from .collate import Collator
@@ -366,9 +397,13 @@ def merge_lora(base_model: str, lora_path: str | Path, output_path: str | Path, 
                 scale = max(scale, float(ref.abs().max()))
             tolerance = MERGE_TOLERANCE[dtype] * scale
             verification = {
-                "ran": True, "samples": len(samples), "samples_source": samples_source,
+                "ran": True,
+                "samples": len(samples),
+                "samples_source": samples_source,
                 "compared": f"merged ({dtype}) vs base float32 + unmerged adapter, logits with token_type_ids",
-                "max_abs_logit_diff": max(diffs), "max_abs_logit": scale, "tolerance": tolerance,
+                "max_abs_logit_diff": max(diffs),
+                "max_abs_logit": scale,
+                "tolerance": tolerance,
                 # max |adapter - base|: the merged model must be much closer to the adapter than the base is
                 "adapter_effect": effect,
                 "passed": max(diffs) <= tolerance and (effect == 0.0 or max(diffs) < 0.5 * effect),
@@ -453,7 +488,9 @@ def fix_rope_parameters(config: dict) -> str | None:
 
 
 CONFIG_FIXES: tuple[Callable[[dict], str | None], ...] = (
-    fix_mm_tokens_in_text_config, fix_top_level_hidden_size, fix_rope_parameters,
+    fix_mm_tokens_in_text_config,
+    fix_top_level_hidden_size,
+    fix_rope_parameters,
 )
 VISION_PREFIX_FIX = "vision_tower.* weights renamed to vision_tower.vision_model.*"
 MLX_FIXES = [f.__name__ for f in CONFIG_FIXES] + ["fix_vision_tower_prefix"]
@@ -471,7 +508,7 @@ def apply_config_fixes(config: dict) -> list[dict[str, str]]:
 
 def _renamed(key: str) -> str:
     if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
-        return "vision_tower.vision_model." + key[len("vision_tower."):]
+        return "vision_tower.vision_model." + key[len("vision_tower.") :]
     return key
 
 
@@ -535,8 +572,18 @@ def _source_dtype(config: dict) -> str:
 
 def run_mlx_converter(source: Path, output: Path, *, bits: int | None, group_size: int, dtype: str) -> float:
     """`mlx_vlm convert` in a subprocess, offline; returns seconds. Its output is logged line by line."""
-    cmd = [sys.executable, "-m", "mlx_vlm", "convert", "--hf-path", str(source), "--mlx-path", str(output),
-           "--dtype", dtype]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlx_vlm",
+        "convert",
+        "--hf-path",
+        str(source),
+        "--mlx-path",
+        str(output),
+        "--dtype",
+        dtype,
+    ]
     if bits:
         cmd += ["-q", "--q-bits", str(bits), "--q-group-size", str(group_size)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -618,8 +665,16 @@ class MlxNormaliser:
         return False
 
 
-def verify_mlx(reference_dir: Path, float_dir: Path, export_dir: Path, samples: list[VerifySample], *,
-               n_logit_samples: int, quantized: bool, frame_layout: str = "images") -> dict[str, Any]:
+def verify_mlx(
+    reference_dir: Path,
+    float_dir: Path,
+    export_dir: Path,
+    samples: list[VerifySample],
+    *,
+    n_logit_samples: int,
+    quantized: bool,
+    frame_layout: str = "images",
+) -> dict[str, Any]:
     """Compare the MLX export with PyTorch on the same token ids and pixels.
 
     - logits: MLX float32 (of the unquantised fixed weights in `float_dir`) vs PyTorch float32
@@ -664,9 +719,17 @@ def verify_mlx(reference_dir: Path, float_dir: Path, export_dir: Path, samples: 
         c = pt_causal.score(sample.frames, r.context, r.question)
         pt_s = time.perf_counter() - t0
         b = pt_bidir.score(sample.frames, r.context, r.question)
-        rows.append({"true": r.button, "mlx": m.button, "pt_causal": c.button, "pt_bidir": b.button,
-                     "logprob_diff": max(abs(m.logprobs[k] - c.logprobs[k]) for k in m.logprobs),
-                     "mlx_s": mlx_s, "pt_s": pt_s})
+        rows.append(
+            {
+                "true": r.button,
+                "mlx": m.button,
+                "pt_causal": c.button,
+                "pt_bidir": b.button,
+                "logprob_diff": max(abs(m.logprobs[k] - c.logprobs[k]) for k in m.logprobs),
+                "mlx_s": mlx_s,
+                "pt_s": pt_s,
+            }
+        )
     n = len(rows)
 
     def rate(key_a: str, key_b: str) -> float:
@@ -680,7 +743,7 @@ def verify_mlx(reference_dir: Path, float_dir: Path, export_dir: Path, samples: 
         "logits": {
             "samples": len(logit_diffs),
             "compared": "MLX float32 (unquantised fixed weights) vs PyTorch float32 without token_type_ids"
-                        + (" using mlx-vlm's bf16-rounded embedding normaliser" if normaliser.needed else ""),
+            + (" using mlx-vlm's bf16-rounded embedding normaliser" if normaliser.needed else ""),
             "max_abs_diff": max(logit_diffs) if logit_diffs else None,
             "tolerance": MLX_LOGIT_TOLERANCE,
             "embed_scale": {"exact": normaliser.exact, "mlx_vlm_bf16": normaliser.rounded},
@@ -694,8 +757,11 @@ def verify_mlx(reference_dir: Path, float_dir: Path, export_dir: Path, samples: 
             "agreement_vs_pytorch_causal": agreement,
             "agreement_vs_pytorch_with_token_type_ids": rate("mlx", "pt_bidir"),
             "pytorch_causal_vs_with_token_type_ids": rate("pt_causal", "pt_bidir"),
-            "accuracy": {"mlx": rate("mlx", "true"), "pytorch_causal": rate("pt_causal", "true"),
-                         "pytorch_with_token_type_ids": rate("pt_bidir", "true")},
+            "accuracy": {
+                "mlx": rate("mlx", "true"),
+                "pytorch_causal": rate("pt_causal", "true"),
+                "pytorch_with_token_type_ids": rate("pt_bidir", "true"),
+            },
             "max_abs_answer_logprob_diff_vs_pytorch_causal": max(r["logprob_diff"] for r in rows) if rows else None,
             "required_agreement": MIN_BUTTON_AGREEMENT if quantized else None,
             "passed": buttons_ok,
@@ -709,9 +775,18 @@ def verify_mlx(reference_dir: Path, float_dir: Path, export_dir: Path, samples: 
     }
 
 
-def export_mlx(model_path: str | Path, output_path: str | Path, *, quantization_bits: int | None = 4,
-               group_size: int = 64, verify: bool = True, overwrite: bool = False, verify_data: str | None = None,
-               n_samples: int = 32, n_logit_samples: int = 3) -> dict[str, Any]:
+def export_mlx(
+    model_path: str | Path,
+    output_path: str | Path,
+    *,
+    quantization_bits: int | None = 4,
+    group_size: int = 64,
+    verify: bool = True,
+    overwrite: bool = False,
+    verify_data: str | None = None,
+    n_samples: int = 32,
+    n_logit_samples: int = 3,
+) -> dict[str, Any]:
     """Fix a copy, convert, verify, write `export_manifest.json`; returns the manifest. Raises
     ExportError; a verification failure still publishes the folder with `verification.passed: false`."""
     source = Path(model_path)
@@ -726,8 +801,11 @@ def export_mlx(model_path: str | Path, output_path: str | Path, *, quantization_
     except ValueError as exc:
         raise ExportError(f"{source}/config.json: invalid JSON ({exc})", code=2) from None
     if config.get("model_type") != "gemma3":
-        raise ExportError(f"{source}/config.json: model_type {config.get('model_type')!r} is not gemma3 "
-                          "(export a merged Gemma 3 folder)", code=2)
+        raise ExportError(
+            f"{source}/config.json: model_type {config.get('model_type')!r} is not gemma3 "
+            "(export a merged Gemma 3 folder)",
+            code=2,
+        )
     if not any(source.glob("*.safetensors")):
         raise ExportError(f"{source}: no *.safetensors weights (save the model with safe_serialization)", code=2)
     output = check_output_dir(output_path, overwrite)
@@ -753,8 +831,15 @@ def export_mlx(model_path: str | Path, output_path: str | Path, *, quantization_
         copied = copy_tokenizer_files(source, staging, replace=True)
         verification: dict[str, Any] = {"ran": False}
         if verify:
-            verification = verify_mlx(source, work, staging, samples, n_logit_samples=n_logit_samples,
-                                      quantized=quantization_bits is not None, frame_layout=frame_layout)
+            verification = verify_mlx(
+                source,
+                work,
+                staging,
+                samples,
+                n_logit_samples=n_logit_samples,
+                quantized=quantization_bits is not None,
+                frame_layout=frame_layout,
+            )
             verification["samples_source"] = samples_source
         manifest = {
             "what": "MLX export (mlx-vlm)",
@@ -769,7 +854,7 @@ def export_mlx(model_path: str | Path, output_path: str | Path, *, quantization_
             "converter": "python -m mlx_vlm convert (subprocess, HF_HUB_OFFLINE=1)",
             "known_differences": {
                 "image_attention": "mlx-vlm attends causally inside images; transformers with token_type_ids "
-                                   "(training) attends bidirectionally: see buttons.agreement_*",
+                "(training) attends bidirectionally: see buttons.agreement_*",
                 "mlx_vlm_default_prompt_bos_count": mlx_vlm_default_bos_count(staging),
                 "scorer_prompt_bos_count": 1,
             },

@@ -34,8 +34,9 @@ def loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         inputs["attention_mask"] = masks
     logits = model(**inputs, logits_to_keep=positions, use_cache=False).logits  # (B, P, V)
     targets = labels[:, positions + 1]
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+    loss = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     return loss, int((targets != IGNORE_INDEX).sum())
 
 
@@ -72,9 +73,14 @@ def gemma3_attention_masks(model, batch: dict[str, torch.Tensor]) -> dict | None
     model's CPU training step (bench/bench_train.py). Used only with sdpa attention, and only after
     the first batch's masks were checked equal to transformers' own (else a warning and None)."""
     config = _text_config(model)
-    if (config is None or getattr(config, "_attn_implementation", None) != "sdpa"
-            or getattr(config, "use_bidirectional_attention", False) or "token_type_ids" not in batch
-            or batch.get("attention_mask") is None or batch["attention_mask"].dim() != 2):
+    if (
+        config is None
+        or getattr(config, "_attn_implementation", None) != "sdpa"
+        or getattr(config, "use_bidirectional_attention", False)
+        or "token_type_ids" not in batch
+        or batch.get("attention_mask") is None
+        or batch["attention_mask"].dim() != 2
+    ):
         return None
     masks = _build_masks(batch["attention_mask"], batch["token_type_ids"], config.sliding_window)
     key = (type(config).__name__, config.sliding_window)
@@ -86,16 +92,21 @@ def gemma3_attention_masks(model, batch: dict[str, torch.Tensor]) -> dict | None
 
 
 def _same_as_transformers(config, batch: dict[str, torch.Tensor], masks: dict) -> bool:
-    from transformers.models.gemma3.modeling_gemma3 import (create_masks_for_vision_model,
-                                                            get_block_sequence_ids_for_mask)
+    from transformers.models.gemma3.modeling_gemma3 import (
+        create_masks_for_vision_model,
+        get_block_sequence_ids_for_mask,
+    )
 
     am = batch["attention_mask"]
     embeds = torch.empty(am.shape[0], am.shape[1], 1, device=am.device)  # only shape/device/dtype are read
     try:
-        ref = create_masks_for_vision_model(config, embeds, am, None, None,
-                                            get_block_sequence_ids_for_mask(batch["token_type_ids"], am.device))
+        ref = create_masks_for_vision_model(
+            config, embeds, am, None, None, get_block_sequence_ids_for_mask(batch["token_type_ids"], am.device)
+        )
     except Exception as exc:  # noqa: BLE001 - a changed transformers API: fall back to the model's masks
         log.warning("cannot verify precomputed attention masks (%s)", type(exc).__name__)
         return False
-    return all(isinstance(ref.get(k), torch.Tensor) and ref[k].shape == masks[k].shape
-               and torch.equal(ref[k], masks[k]) for k in masks)
+    return all(
+        isinstance(ref.get(k), torch.Tensor) and ref[k].shape == masks[k].shape and torch.equal(ref[k], masks[k])
+        for k in masks
+    )

@@ -41,7 +41,7 @@ def import_mlx_vlm():
         import mlx_vlm  # noqa: F401
         import mlx_vlm.models.gemma3  # noqa: F401
     finally:
-        setattr(AutoProcessor, "from_pretrained", _unpatched(AutoProcessor.__dict__["from_pretrained"]))
+        AutoProcessor.from_pretrained = _unpatched(AutoProcessor.__dict__["from_pretrained"])
     import mlx_vlm
 
     return mlx_vlm
@@ -74,8 +74,9 @@ def load_mlx_model(mlx_dir: str | Path, dtype: str | None = None):
             raise ValueError(f"dtype must be one of {', '.join(MLX_DTYPES)}, got {dtype!r}")
         target = getattr(mx, dtype)
         # Quantised weights are uint32 and stay as they are; scales/biases and the rest are cast.
-        model.update(tree_map(lambda a: a.astype(target) if mx.issubdtype(a.dtype, mx.floating) else a,
-                              model.parameters()))
+        model.update(
+            tree_map(lambda a: a.astype(target) if mx.issubdtype(a.dtype, mx.floating) else a, model.parameters())
+        )
     mx.eval(model.parameters())
     return model
 
@@ -97,8 +98,14 @@ class MlxButtonScorer(ButtonScorer):
     `frame_layout` must be the one the model was trained with ("images" or "grid"); by default it is
     read from the export's manifest. `dtype` (e.g. "float32") casts the unquantised weights."""
 
-    def __init__(self, mlx_dir: str | Path, *, frame_layout: str | None = None, dtype: str | None = None,
-                 max_seq_length: int = 8192):
+    def __init__(
+        self,
+        mlx_dir: str | Path,
+        *,
+        frame_layout: str | None = None,
+        dtype: str | None = None,
+        max_seq_length: int = 8192,
+    ):
         from .modeling import load_processor
 
         self.mlx_dir = Path(mlx_dir)
@@ -106,8 +113,9 @@ class MlxButtonScorer(ButtonScorer):
             frame_layout = export_frame_layout(self.mlx_dir)
         model = load_mlx_model(self.mlx_dir, dtype=dtype)
         processor = load_processor(str(self.mlx_dir))
-        super().__init__(model, Collator(processor, max_seq_length=max_seq_length, frame_layout=frame_layout),
-                         causal_images=True)
+        super().__init__(
+            model, Collator(processor, max_seq_length=max_seq_length, frame_layout=frame_layout), causal_images=True
+        )
 
     # --- PyTorch-only properties of the parent do not apply
     @property
@@ -141,8 +149,14 @@ class MlxButtonScorer(ButtonScorer):
             return embeds
         cfg = self.model.config
         merged, _ = self.model.prepare_inputs_for_multimodal(
-            cfg.hidden_size, cfg.pad_token_id, cfg.image_token_index, features, embeds, input_ids,
-            mx.ones(input_ids.shape))
+            cfg.hidden_size,
+            cfg.pad_token_id,
+            cfg.image_token_index,
+            features,
+            embeds,
+            input_ids,
+            mx.ones(input_ids.shape),
+        )
         return merged
 
     def logits(self, input_ids: np.ndarray, images: list[Image.Image] | None = None, features=None) -> np.ndarray:
@@ -188,8 +202,9 @@ class MlxButtonScorer(ButtonScorer):
                     scores[b] += float(logprobs[i, j, token])
         return ButtonScores(scores)
 
-    def generate_ids(self, frames: list[Image.Image], context: str, question: str,
-                     max_new_tokens: int = 96) -> list[int]:
+    def generate_ids(
+        self, frames: list[Image.Image], context: str, question: str, max_new_tokens: int = 96
+    ) -> list[int]:
         """Greedy answer token ids, stopping at `<eos>`/`<end_of_turn>` (not included)."""
         import mlx.core as mx
         from mlx_vlm.generate.ar import generate_step
@@ -201,8 +216,9 @@ class MlxButtonScorer(ButtonScorer):
         ids = mx.array(enc["input_ids"])
         stop = {self.tokenizer.eos_token_id, self.collator.end_of_turn_id}
         out: list[int] = []
-        for token, _ in generate_step(ids, self.model, self.pixel_values(images), mx.ones(ids.shape),
-                                      max_tokens=max_new_tokens, temperature=0.0):
+        for token, _ in generate_step(
+            ids, self.model, self.pixel_values(images), mx.ones(ids.shape), max_tokens=max_new_tokens, temperature=0.0
+        ):
             token = int(token)
             if token in stop:
                 break

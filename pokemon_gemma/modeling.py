@@ -44,8 +44,10 @@ def load_processor(model_name: str, token: str | None = None):
 def _explain(model_name: str, exc: Exception) -> str:
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if not Path(model_name).exists() and "/" in model_name:
-        return (f"cannot load {model_name!r}: {first} (a hub id needs network access, and gated Gemma models "
-                "need HUGGINGFACE_TOKEN in .env; or pass a local folder)")
+        return (
+            f"cannot load {model_name!r}: {first} (a hub id needs network access, and gated Gemma models "
+            "need HUGGINGFACE_TOKEN in .env; or pass a local folder)"
+        )
     return f"cannot load {model_name!r}: {first}"
 
 
@@ -54,14 +56,17 @@ def bnb_4bit_config():
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16,
         llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"],
     )
 
 
-def load_model(model_name: str, *, precision: str = "no", qlora: bool = False, token: str | None = None,
-               device_map=None):
+def load_model(
+    model_name: str, *, precision: str = "no", qlora: bool = False, token: str | None = None, device_map=None
+):
     """Load Gemma3ForConditionalGeneration in the requested precision (or 4-bit for QLoRA)."""
     from transformers import AutoModelForImageTextToText
 
@@ -80,8 +85,16 @@ def load_model(model_name: str, *, precision: str = "no", qlora: bool = False, t
     return model
 
 
-def apply_lora(model, *, r: int = 16, alpha: int = 32, dropout: float = 0.05, targets: str = "language",
-               qlora: bool = False, gradient_checkpointing: bool = False):
+def apply_lora(
+    model,
+    *,
+    r: int = 16,
+    alpha: int = 32,
+    dropout: float = 0.05,
+    targets: str = "language",
+    qlora: bool = False,
+    gradient_checkpointing: bool = False,
+):
     """Wrap the model in a LoRA adapter over the chosen projections."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -90,8 +103,14 @@ def apply_lora(model, *, r: int = 16, alpha: int = 32, dropout: float = 0.05, ta
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS[targets],
-                      bias="none", task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=LORA_TARGETS[targets],
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, lora)
 
 
@@ -105,15 +124,23 @@ def adapter_base_model(adapter_path: str | Path) -> str:
     return json.loads((Path(adapter_path) / "adapter_config.json").read_text())["base_model_name_or_path"]
 
 
-def load_for_inference(model_name: str, adapter_path: str | None = None, *, precision: str = "no",
-                       token: str | None = None, device: str | None = None):
+def load_for_inference(
+    model_name: str,
+    adapter_path: str | None = None,
+    *,
+    precision: str = "no",
+    token: str | None = None,
+    device: str | None = None,
+):
     """(model, processor) in eval mode; `adapter_path` adds a LoRA adapter on top of the base.
 
     The processor comes from the adapter folder when it has one (training saves it there)."""
     from peft import PeftModel
 
     model = load_model(model_name, precision=precision, token=token)
-    proc_source = adapter_path if adapter_path and (Path(adapter_path) / "processor_config.json").is_file() else model_name
+    proc_source = (
+        adapter_path if adapter_path and (Path(adapter_path) / "processor_config.json").is_file() else model_name
+    )
     processor = load_processor(proc_source, token=token)
     if adapter_path:
         if not is_adapter_dir(adapter_path):

@@ -13,7 +13,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -97,8 +97,7 @@ class HealthMonitor:
     def __post_init__(self):
         self.server_url = self.server_url.rstrip("/")
         self.probe_frames = self.probe_frames or synthetic_stream(4)
-        self.client = httpx.Client(base_url=self.server_url, timeout=self.timeout_s,
-                                   headers=auth_headers(self.api_key))
+        self.client = httpx.Client(base_url=self.server_url, timeout=self.timeout_s, headers=auth_headers(self.api_key))
 
     def close(self) -> None:
         self.client.close()
@@ -125,8 +124,11 @@ class HealthMonitor:
     def check(self) -> dict:
         """One check; returns the JSON-line row."""
         self.checks += 1
-        row: dict = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "check": self.checks,
-                     "server_url": self.server_url}
+        row: dict = {
+            "time": datetime.now(UTC).isoformat(timespec="seconds"),
+            "check": self.checks,
+            "server_url": self.server_url,
+        }
         reasons: list[str] = []
 
         response, ms, err = self._call("GET", "/health")
@@ -149,21 +151,32 @@ class HealthMonitor:
             snap = parse_metrics(response.text)
             n, rate5, rate4 = error_rates(self._prev, snap)
             self._prev = snap
-            row["metrics"] = {"requests": n, "error_rate": round(rate5, 4), "client_error_rate": round(rate4, 4),
-                              "model_version": snap.model_version}
+            row["metrics"] = {
+                "requests": n,
+                "error_rate": round(rate5, 4),
+                "client_error_rate": round(rate4, 4),
+                "model_version": snap.model_version,
+            }
             if rate5 > self.thresholds.error_rate:
-                reasons.append(f"erroring: {rate5:.1%} of {n:.0f} requests got 5xx "
-                               f"(> {self.thresholds.error_rate:.1%})")
+                reasons.append(
+                    f"erroring: {rate5:.1%} of {n:.0f} requests got 5xx (> {self.thresholds.error_rate:.1%})"
+                )
         else:
-            reasons.append(f"metrics: /metrics {err or response.status_code}"
-                           + (" (pass --api_key_env)" if response is not None and response.status_code == 401 else ""))
+            reasons.append(
+                f"metrics: /metrics {err or response.status_code}"
+                + (" (pass --api_key_env)" if response is not None and response.status_code == 401 else "")
+            )
 
         if ready:
             response, ms, err = self._call("POST", "/v1/predict", json=predict_payload(self.probe_frames))
-            problem = err or (f"HTTP {response.status_code}" if response.status_code != 200
-                              else check_prediction(_json(response)))
-            row["predict"] = {"ok": problem is None, "latency_ms": round(ms, 1),
-                              "button": _json(response).get("button") if problem is None else None}
+            problem = err or (
+                f"HTTP {response.status_code}" if response.status_code != 200 else check_prediction(_json(response))
+            )
+            row["predict"] = {
+                "ok": problem is None,
+                "latency_ms": round(ms, 1),
+                "button": _json(response).get("button") if problem is None else None,
+            }
             if problem is not None:
                 reasons.append(f"predict probe failed: {problem}")
             elif ms > self.thresholds.latency_ms:
@@ -208,8 +221,15 @@ def status_line(row: dict) -> str:
     return "  ".join(parts)
 
 
-def run_monitor(monitor: HealthMonitor, *, interval_s: float = 10.0, max_checks: int | None = None,
-                output: str | Path | None = None, wait_ready_s: float = 0.0, stream=sys.stdout) -> int:
+def run_monitor(
+    monitor: HealthMonitor,
+    *,
+    interval_s: float = 10.0,
+    max_checks: int | None = None,
+    output: str | Path | None = None,
+    wait_ready_s: float = 0.0,
+    stream=sys.stdout,
+) -> int:
     """Check every `interval_s` until `max_checks` (forever if None); 0 if the last check was healthy, else 1.
     `wait_ready_s` > 0 first waits that long for /ready (the checks then run whatever the outcome)."""
     if wait_ready_s > 0 and not monitor.wait_ready(wait_ready_s):

@@ -26,8 +26,13 @@ def _save(fig, path: str | Path) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def confusion_matrix_png(matrix: list[list[int]], labels: list[str], predicted_labels: list[str] | None,
-                         path: str | Path, title: str = "Confusion matrix") -> Path:
+def confusion_matrix_png(
+    matrix: list[list[int]],
+    labels: list[str],
+    predicted_labels: list[str] | None,
+    path: str | Path,
+    title: str = "Confusion matrix",
+) -> Path:
     """Counts with row-normalised colour (a rare button's row is as readable as a common one)."""
     cols = predicted_labels or labels
     fig, ax = plt.subplots(figsize=(1.0 + 0.75 * len(cols), 1.0 + 0.7 * len(labels)))
@@ -36,8 +41,15 @@ def confusion_matrix_png(matrix: list[list[int]], labels: list[str], predicted_l
     for i, row in enumerate(matrix):
         for j, v in enumerate(row):
             if v:
-                ax.text(j, i, str(v), ha="center", va="center", fontsize=9,
-                        color="white" if shares[i][j] > 0.55 else "black")
+                ax.text(
+                    j,
+                    i,
+                    str(v),
+                    ha="center",
+                    va="center",
+                    fontsize=9,
+                    color="white" if shares[i][j] > 0.55 else "black",
+                )
     ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right")
     ax.set_yticks(range(len(labels)), labels)
     ax.set_xlabel("predicted")
@@ -46,9 +58,14 @@ def confusion_matrix_png(matrix: list[list[int]], labels: list[str], predicted_l
     return _save(fig, path)
 
 
-def accuracy_by_context_png(by_context: dict[str, dict[str, Any]], path: str | Path, *, overall: float | None = None,
-                            baselines: dict[str, float] | None = None,
-                            title: str = "Accuracy by scene context") -> Path:
+def accuracy_by_context_png(
+    by_context: dict[str, dict[str, Any]],
+    path: str | Path,
+    *,
+    overall: float | None = None,
+    baselines: dict[str, float] | None = None,
+    title: str = "Accuracy by scene context",
+) -> Path:
     """One bar per context (labelled with its sample count); overall and baselines as lines."""
     names = list(by_context) or ["(none)"]
     accs = [by_context[n]["accuracy"] for n in by_context] or [0.0]
@@ -75,8 +92,13 @@ def training_curves_png(rows: list[dict[str, Any]], path: str | Path, title: str
     """Train/val loss, val accuracy and learning rate against the optimizer step."""
 
     def series(key):
-        pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and "step" in r
-               and not (isinstance(r[key], float) and math.isnan(r[key]))]
+        pts = [
+            (r["step"], r[key])
+            for r in rows
+            if isinstance(r.get(key), (int, float))
+            and "step" in r
+            and not (isinstance(r[key], float) and math.isnan(r[key]))
+        ]
         return [p[0] for p in pts], [p[1] for p in pts]
 
     fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(14, 3.8), layout="constrained")
@@ -129,9 +151,15 @@ def plot_training_run(run_dir: str | Path) -> Path:
     return training_curves_png(rows, run_dir / "training_curves.png", title=f"Training — {run_dir.name}")
 
 
-def batch_size_png(results: list[dict[str, Any]], path: str | Path, *, limit_gb: float | None = None,
-                   budget_gb: float | None = None, recommended: int | None = None,
-                   title: str = "Batch-size probes") -> Path:
+def batch_size_png(
+    results: list[dict[str, Any]],
+    path: str | Path,
+    *,
+    limit_gb: float | None = None,
+    budget_gb: float | None = None,
+    recommended: int | None = None,
+    title: str = "Batch-size probes",
+) -> Path:
     """Peak memory (fits green, no fit red) against the limit, and throughput, per micro-batch size."""
     fig, (ax_mem, ax_tp) = plt.subplots(1, 2, figsize=(10, 3.8))
     for r in results:
@@ -139,8 +167,9 @@ def batch_size_png(results: list[dict[str, Any]], path: str | Path, *, limit_gb:
         if peak is None:  # OOM: no peak measured; mark it at the top of the axis
             ax_mem.axvline(r["batch_size"], color="#C44E52", ls=":", lw=1)
         else:
-            ax_mem.plot(r["batch_size"], peak, "o" if r["fits"] else "x", ms=7,
-                        color="#55A868" if r["fits"] else "#C44E52")
+            ax_mem.plot(
+                r["batch_size"], peak, "o" if r["fits"] else "x", ms=7, color="#55A868" if r["fits"] else "#C44E52"
+            )
     for value, label, style in ((limit_gb, "limit", "--"), (budget_gb, "budget", ":")):
         if value:
             ax_mem.axhline(value, color="grey", ls=style, lw=1, label=f"{label} {value:.2f} GiB")
@@ -164,8 +193,13 @@ def batch_size_png(results: list[dict[str, Any]], path: str | Path, *, limit_gb:
     return _save(fig, path)
 
 
-def validation_png(label_distribution: dict[str, dict[str, int]], lengths: list[int], max_seq_length: int,
-                   path: str | Path, title: str = "Dataset validation") -> Path:
+def validation_png(
+    label_distribution: dict[str, dict[str, int]],
+    lengths: list[int],
+    max_seq_length: int,
+    path: str | Path,
+    title: str = "Dataset validation",
+) -> Path:
     """Share of each button per split, and the token-length histogram against --max_seq_length."""
     fig, (ax_lab, ax_len) = plt.subplots(1, 2, figsize=(11, 3.8))
     splits = list(label_distribution)
@@ -174,8 +208,12 @@ def validation_png(label_distribution: dict[str, dict[str, int]], lengths: list[
     for k, split in enumerate(splits):
         counts = label_distribution[split]
         total = max(1, sum(counts.values()))
-        ax_lab.bar([i + k * width for i in range(len(buttons))], [counts[b] / total for b in buttons], width,
-                   label=f"{split} (n={sum(counts.values())})")
+        ax_lab.bar(
+            [i + k * width for i in range(len(buttons))],
+            [counts[b] / total for b in buttons],
+            width,
+            label=f"{split} (n={sum(counts.values())})",
+        )
     ax_lab.set_xticks([i + width * (len(splits) - 1) / 2 for i in range(len(buttons))], buttons)
     ax_lab.set_ylabel("share of samples")
     ax_lab.legend(fontsize=8)

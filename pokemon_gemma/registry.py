@@ -21,10 +21,11 @@ import os
 import sqlite3
 import subprocess
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from pokemon_gemma.config import mask_secrets
 from pokemon_gemma.fileio import atomic_write_json, file_sha256
@@ -89,7 +90,7 @@ class DuplicateWeightsError(RegistryError):
 
 
 def now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 def current_user() -> str:
@@ -101,12 +102,16 @@ def current_user() -> str:
 
 # --------------------------------------------------------------------------- checkpoint facts
 
+
 def weight_files(checkpoint: Path) -> list[Path]:
     """The files whose bytes define the model: weights (top level) and adapter definitions."""
     if checkpoint.is_file():
         return [checkpoint]
-    found = [p for p in sorted(checkpoint.iterdir()) if p.is_file()
-             and (p.suffix in WEIGHT_SUFFIXES or p.name in ADAPTER_FILES)]
+    found = [
+        p
+        for p in sorted(checkpoint.iterdir())
+        if p.is_file() and (p.suffix in WEIGHT_SUFFIXES or p.name in ADAPTER_FILES)
+    ]
     return found
 
 
@@ -114,8 +119,10 @@ def hash_checkpoint(checkpoint: Path) -> tuple[str, dict[str, str], int]:
     """(combined sha256, {relative file: sha256}, total bytes) over the weight files."""
     files = weight_files(checkpoint)
     if not any(p.suffix in WEIGHT_SUFFIXES for p in files):
-        raise RegistryError(f"{checkpoint}: no weight files (*.safetensors, *.bin, *.npz, adapter files) "
-                            "(point --checkpoint at a trained run, merged or MLX folder)")
+        raise RegistryError(
+            f"{checkpoint}: no weight files (*.safetensors, *.bin, *.npz, adapter files) "
+            "(point --checkpoint at a trained run, merged or MLX folder)"
+        )
     per_file: dict[str, str] = {}
     size = 0
     for p in files:
@@ -201,8 +208,7 @@ def dataset_facts(run_config: dict | None, run_config_path: Path | None) -> tupl
 
 def git_commit(repo: Path = REPO_ROOT) -> str | None:
     try:
-        out = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10)
+        out = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
@@ -240,6 +246,7 @@ def parse_tags(items: list[str] | None) -> dict[str, str]:
 
 # --------------------------------------------------------------------------- the registry
 
+
 @dataclass
 class Version:
     name: str
@@ -269,8 +276,10 @@ class Version:
         return dict(self.__dict__)
 
     def summary(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("name", "version", "stage", "path", "sha256", "metrics",
-                                              "size_bytes", "base_model", "created_at")}
+        return {
+            k: getattr(self, k)
+            for k in ("name", "version", "stage", "path", "sha256", "metrics", "size_bytes", "base_model", "created_at")
+        }
 
 
 def _row_to_version(row: sqlite3.Row) -> Version:
@@ -310,7 +319,7 @@ class Registry:
     def close(self) -> None:
         self.conn.close()
 
-    def __enter__(self) -> "Registry":
+    def __enter__(self) -> Registry:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -329,8 +338,11 @@ class Registry:
 
     # ----------------------------------------------------------------- reads
     def _history(self, name: str, version: int) -> list[dict]:
-        rows = self.conn.execute("SELECT from_stage, to_stage, who, at, action, note FROM stage_history "
-                                 "WHERE name=? AND version=? ORDER BY id", (name, version)).fetchall()
+        rows = self.conn.execute(
+            "SELECT from_stage, to_stage, who, at, action, note FROM stage_history "
+            "WHERE name=? AND version=? ORDER BY id",
+            (name, version),
+        ).fetchall()
         return [dict(r) for r in rows]
 
     def list_versions(self, name: str | None = None) -> list[Version]:
@@ -345,15 +357,17 @@ class Registry:
 
     def get(self, name: str, version: int | None = None) -> Version:
         if version is None:
-            row = self.conn.execute("SELECT * FROM versions WHERE name=? ORDER BY version DESC LIMIT 1",
-                                    (name,)).fetchone()
+            row = self.conn.execute(
+                "SELECT * FROM versions WHERE name=? ORDER BY version DESC LIMIT 1", (name,)
+            ).fetchone()
         else:
             row = self.conn.execute("SELECT * FROM versions WHERE name=? AND version=?", (name, version)).fetchone()
         if row is None:
             known = ", ".join(str(v.version) for v in self.list_versions(name))
             if not known:
-                raise RegistryError(f"no model named {name!r} in {self.db_path} "
-                                    f"(registered: {', '.join(self.names()) or 'none'})")
+                raise RegistryError(
+                    f"no model named {name!r} in {self.db_path} (registered: {', '.join(self.names()) or 'none'})"
+                )
             raise RegistryError(f"{name} has no version {version} (versions: {known})")
         v = _row_to_version(row)
         v.history = self._history(v.name, v.version)
@@ -382,16 +396,26 @@ class Registry:
         return {"status": status, "changed": changed + [f"{a} (new)" for a in added], "missing": missing}
 
     # ----------------------------------------------------------------- writes
-    def register(self, name: str, checkpoint: str | Path, *, metrics_path: str | Path | None = None,
-                 tags: dict[str, str] | None = None, base_model: str | None = None,
-                 on_duplicate: str = "error", who: str | None = None) -> tuple[Version, bool]:
+    def register(
+        self,
+        name: str,
+        checkpoint: str | Path,
+        *,
+        metrics_path: str | Path | None = None,
+        tags: dict[str, str] | None = None,
+        base_model: str | None = None,
+        on_duplicate: str = "error",
+        who: str | None = None,
+    ) -> tuple[Version, bool]:
         """Add a version; returns (version, created). on_duplicate: error | reuse | allow."""
         if not name or ":" in name:
             raise RegistryError(f"model name {name!r} is empty or contains ':' (use e.g. pokemon-gemma)")
         ckpt = Path(checkpoint)
         if not ckpt.exists():
-            raise RegistryError(f"{ckpt}: checkpoint not found (was it moved or deleted? pass the folder "
-                                "with the adapter or model weights)")
+            raise RegistryError(
+                f"{ckpt}: checkpoint not found (was it moved or deleted? pass the folder "
+                "with the adapter or model weights)"
+            )
         ckpt = ckpt.resolve()
         # Hash and read lineage before taking the write lock: this is the slow part.
         sha, files, size = hash_checkpoint(ckpt)
@@ -399,43 +423,64 @@ class Registry:
         run_config, run_config_path = find_run_config(ckpt)
         dataset_path, dataset_sha = dataset_facts(run_config, run_config_path)
         record = dict(
-            name=name, path=str(ckpt), sha256=sha, files=json.dumps(files), size_bytes=size,
-            metrics=json.dumps(metrics), metrics_path=str(Path(metrics_path).resolve()) if metrics_path else None,
-            base_model=base_model or find_base_model(ckpt), dataset_path=dataset_path, dataset_sha256=dataset_sha,
+            name=name,
+            path=str(ckpt),
+            sha256=sha,
+            files=json.dumps(files),
+            size_bytes=size,
+            metrics=json.dumps(metrics),
+            metrics_path=str(Path(metrics_path).resolve()) if metrics_path else None,
+            base_model=base_model or find_base_model(ckpt),
+            dataset_path=dataset_path,
+            dataset_sha256=dataset_sha,
             training_config=json.dumps(mask_secrets(run_config)) if run_config is not None else None,
-            git_commit=git_commit(), tags=json.dumps(tags or {}), stage="none", created_at=now_iso(),
+            git_commit=git_commit(),
+            tags=json.dumps(tags or {}),
+            stage="none",
+            created_at=now_iso(),
             created_by=who or current_user(),
         )
         with self.transaction() as conn:
-            dup = conn.execute("SELECT * FROM versions WHERE name=? AND sha256=? ORDER BY version LIMIT 1",
-                               (name, sha)).fetchone()
+            dup = conn.execute(
+                "SELECT * FROM versions WHERE name=? AND sha256=? ORDER BY version LIMIT 1", (name, sha)
+            ).fetchone()
             if dup is not None and on_duplicate != "allow":
                 existing = _row_to_version(dup)
                 if on_duplicate == "reuse":
                     return existing, False
                 raise DuplicateWeightsError(
                     f"{ckpt}: these weights are already registered as {existing.ref} (sha256 {sha[:12]}; "
-                    "pass --on_duplicate allow to register them again)", existing.summary())
-            record["version"] = conn.execute("SELECT COALESCE(MAX(version), 0) + 1 FROM versions WHERE name=?",
-                                             (name,)).fetchone()[0]
+                    "pass --on_duplicate allow to register them again)",
+                    existing.summary(),
+                )
+            record["version"] = conn.execute(
+                "SELECT COALESCE(MAX(version), 0) + 1 FROM versions WHERE name=?", (name,)
+            ).fetchone()[0]
             cols = ", ".join(record)
-            conn.execute(f"INSERT INTO versions ({cols}) VALUES ({', '.join('?' * len(record))})",
-                         tuple(record.values()))
-            conn.execute("INSERT INTO stage_history (name, version, from_stage, to_stage, who, at, action, note) "
-                         "VALUES (?, ?, NULL, 'none', ?, ?, 'register', 'registered')",
-                         (name, record["version"], record["created_by"], record["created_at"]))
+            conn.execute(
+                f"INSERT INTO versions ({cols}) VALUES ({', '.join('?' * len(record))})", tuple(record.values())
+            )
+            conn.execute(
+                "INSERT INTO stage_history (name, version, from_stage, to_stage, who, at, action, note) "
+                "VALUES (?, ?, NULL, 'none', ?, ?, 'register', 'registered')",
+                (name, record["version"], record["created_by"], record["created_at"]),
+            )
         return self.get(name, record["version"]), True
 
     def _set_stage(self, conn, v: Version, stage: str, who: str, action: str, note: str) -> None:
         conn.execute("UPDATE versions SET stage=? WHERE name=? AND version=?", (stage, v.name, v.version))
-        conn.execute("INSERT INTO stage_history (name, version, from_stage, to_stage, who, at, action, note) "
-                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (v.name, v.version, v.stage, stage, who, now_iso(), action, note))
+        conn.execute(
+            "INSERT INTO stage_history (name, version, from_stage, to_stage, who, at, action, note) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (v.name, v.version, v.stage, stage, who, now_iso(), action, note),
+        )
 
     def _production_stack(self, name: str) -> list[int]:
         """Versions that were production, oldest first, as promotions push and rollbacks pop them."""
         stack: list[int] = []
         for version, action in self.conn.execute(
-                "SELECT version, action FROM stage_history WHERE name=? AND to_stage='production' ORDER BY id", (name,)):
+            "SELECT version, action FROM stage_history WHERE name=? AND to_stage='production' ORDER BY id", (name,)
+        ):
             if action == "rollback":
                 while stack and stack[-1] != version:
                     stack.pop()
@@ -455,8 +500,9 @@ class Registry:
             v = self.get(name, version)
             if stage == "production":
                 # One production version per name: the previous one is archived (rollback can return to it).
-                for row in conn.execute("SELECT * FROM versions WHERE name=? AND stage='production' AND version!=?",
-                                        (name, version)).fetchall():
+                for row in conn.execute(
+                    "SELECT * FROM versions WHERE name=? AND stage='production' AND version!=?", (name, version)
+                ).fetchall():
                     self._set_stage(conn, _row_to_version(row), "archived", who, "archive", f"replaced by v{version}")
             if v.stage != stage:
                 self._set_stage(conn, v, stage, who, "promote", note)
@@ -475,8 +521,10 @@ class Registry:
             earlier = stack[:-1] if stack and stack[-1] == current.version else stack
             previous = next((ver for ver in reversed(earlier) if ver in existing and ver != current.version), None)
             if previous is None:
-                raise RegistryError(f"{name}: no earlier production version to roll back to "
-                                    f"(v{current.version} is the first one promoted)")
+                raise RegistryError(
+                    f"{name}: no earlier production version to roll back to "
+                    f"(v{current.version} is the first one promoted)"
+                )
             prev = self.get(name, previous)
             self._set_stage(conn, current, "archived", who, "archive", f"rolled back to v{previous}")
             self._set_stage(conn, prev, "production", who, "rollback", f"rollback from v{current.version}")
@@ -488,9 +536,11 @@ class Registry:
             if v.stage == "production":
                 raise RegistryError(f"{v.ref} is in production; promote another version or roll back first")
             conn.execute("DELETE FROM versions WHERE name=? AND version=?", (name, version))
-            conn.execute("INSERT INTO stage_history (name, version, from_stage, to_stage, who, at, action, note) "
-                         "VALUES (?, ?, ?, 'deleted', ?, ?, 'delete', 'deleted')", (name, version, v.stage,
-                                                                         who or current_user(), now_iso()))
+            conn.execute(
+                "INSERT INTO stage_history (name, version, from_stage, to_stage, who, at, action, note) "
+                "VALUES (?, ?, ?, 'deleted', ?, ?, 'delete', 'deleted')",
+                (name, version, v.stage, who or current_user(), now_iso()),
+            )
         return v
 
     def export(self, name: str, version: int, output: str | Path) -> Path:
@@ -504,8 +554,10 @@ class Registry:
 
 # --------------------------------------------------------------------------- W&B
 
-def log_to_wandb(v: Version, *, project: str, entity: str | None = None, mode: str | None = None,
-                 api_key: str | None = None) -> str | None:
+
+def log_to_wandb(
+    v: Version, *, project: str, entity: str | None = None, mode: str | None = None, api_key: str | None = None
+) -> str | None:
     """Log a version as a W&B model artifact (weights by reference); a warning, never a crash, if W&B fails."""
     try:
         import wandb
@@ -514,11 +566,21 @@ def log_to_wandb(v: Version, *, project: str, entity: str | None = None, mode: s
             os.environ.setdefault("WANDB_API_KEY", api_key)
         # WANDB_INIT_TIMEOUT (seconds) bounds the wait for an unreachable server.
         settings = wandb.Settings(init_timeout=float(os.environ.get("WANDB_INIT_TIMEOUT", 30)), silent=True)
-        run = wandb.init(project=project, entity=entity or None, mode=mode or None, job_type="register-model",
-                         name=f"register-{v.name}-v{v.version}", settings=settings, reinit="finish_previous")
+        run = wandb.init(
+            project=project,
+            entity=entity or None,
+            mode=mode or None,
+            job_type="register-model",
+            name=f"register-{v.name}-v{v.version}",
+            settings=settings,
+            reinit="finish_previous",
+        )
         try:
-            art = wandb.Artifact(name=_artifact_name(v.name), type="model",
-                                 metadata=mask_secrets({k: val for k, val in v.to_dict().items() if k != "history"}))
+            art = wandb.Artifact(
+                name=_artifact_name(v.name),
+                type="model",
+                metadata=mask_secrets({k: val for k, val in v.to_dict().items() if k != "history"}),
+            )
             base = Path(v.path)
             for rel in v.files:
                 f = base if base.is_file() else base / rel

@@ -19,7 +19,7 @@ from .dataset import BUTTONS, Record, parse_output
 
 def answer_prefix(button: str) -> str:
     """The part of `dataset.make_output` that names the button, up to the comma that closes it."""
-    return '{"button": "%s",' % button
+    return f'{{"button": "{button}",'
 
 
 @dataclass
@@ -71,8 +71,9 @@ class ButtonScorer:
         return self._gemma().model.get_image_features(self.pixel_values(images), return_dict=True).pooler_output
 
     @torch.no_grad()
-    def score(self, frames: list[Image.Image], context: str, question: str,
-              features: torch.Tensor | None = None) -> ButtonScores:
+    def score(
+        self, frames: list[Image.Image], context: str, question: str, features: torch.Tensor | None = None
+    ) -> ButtonScores:
         """Score the 8 answers for 4 frames. `features` (from `image_features`) skips the vision tower."""
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -88,7 +89,9 @@ class ButtonScorer:
         out = self.model(
             input_ids=prefix,
             token_type_ids=None if self.causal_images else (prefix == self.collator.image_token_id).long(),
-            attention_mask=torch.ones_like(prefix), mm_encoder_outputs=encoder_outputs, use_cache=True,
+            attention_mask=torch.ones_like(prefix),
+            mm_encoder_outputs=encoder_outputs,
+            use_cache=True,
         )
         first_logprobs = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
         tails = [ids[shared:] for ids in full]
@@ -124,16 +127,19 @@ class ButtonScorer:
         side = self.tokenizer.padding_side
         self.tokenizer.padding_side = "left"  # generation appends on the right
         try:
-            enc = self.processor(text=texts, images=images, return_tensors="pt", padding=True,
-                                 add_special_tokens=False)
+            enc = self.processor(text=texts, images=images, return_tensors="pt", padding=True, add_special_tokens=False)
         finally:
             self.tokenizer.padding_side = side
         enc = {k: v.to(self.device) for k, v in enc.items()}
         enc["pixel_values"] = enc["pixel_values"].to(self.dtype)
         eot = self.collator.end_of_turn_id
-        out = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                  eos_token_id=[self.tokenizer.eos_token_id, eot],
-                                  pad_token_id=self.tokenizer.pad_token_id)
+        out = self.model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=[self.tokenizer.eos_token_id, eot],
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
         width = enc["input_ids"].shape[1]
         return [self.tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
 

@@ -22,9 +22,20 @@ METRIC = "eval/accuracy"
 METHODS = ("grid", "random", "bayes")
 SPEC_KEYS = {"value", "values", "distribution", "min", "max", "mu", "sigma", "q", "probabilities"}
 INT_DISTRIBUTIONS = {"int_uniform"}
-FLOAT_DISTRIBUTIONS = {"uniform", "q_uniform", "log_uniform", "log_uniform_values", "q_log_uniform",
-                       "q_log_uniform_values", "inv_log_uniform", "inv_log_uniform_values", "normal", "q_normal",
-                       "log_normal", "q_log_normal"}
+FLOAT_DISTRIBUTIONS = {
+    "uniform",
+    "q_uniform",
+    "log_uniform",
+    "log_uniform_values",
+    "q_log_uniform",
+    "q_log_uniform_values",
+    "inv_log_uniform",
+    "inv_log_uniform_values",
+    "normal",
+    "q_normal",
+    "log_normal",
+    "q_log_normal",
+}
 POSITIVE_MIN = {"log_uniform_values", "q_log_uniform_values", "inv_log_uniform_values"}
 
 
@@ -74,8 +85,12 @@ def training_parser() -> argparse.ArgumentParser:
 
 
 def _flags(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
-    return {opt[2:]: action for action in parser._actions for opt in action.option_strings
-            if opt.startswith("--") and action.dest != "help"}
+    return {
+        opt[2:]: action
+        for action in parser._actions
+        for opt in action.option_strings
+        if opt.startswith("--") and action.dest != "help"
+    }
 
 
 def _check_value(flag: str, action: argparse.Action, value: Any) -> str | None:
@@ -95,8 +110,9 @@ def _check_value(flag: str, action: argparse.Action, value: Any) -> str | None:
     return None
 
 
-def _check_parameter(name: str, spec: Any, flags: dict[str, argparse.Action], boolean_ok: bool,
-                     method: str) -> list[str]:
+def _check_parameter(
+    name: str, spec: Any, flags: dict[str, argparse.Action], boolean_ok: bool, method: str
+) -> list[str]:
     if name not in flags:
         near = sorted(f for f in flags if f.startswith(name[:3]))
         hint = f"did you mean {', '.join('--' + n for n in near)}?" if near else f"see {TRAINING_PROGRAM} --help"
@@ -104,11 +120,16 @@ def _check_parameter(name: str, spec: Any, flags: dict[str, argparse.Action], bo
     action = flags[name]
     if not isinstance(spec, dict):
         return [f"parameter {name!r} must be a mapping with value, values or distribution/min/max"]
-    problems = [f"parameter {name!r}: unknown key {k!r} (allowed: {', '.join(sorted(SPEC_KEYS))})"
-                for k in spec if k not in SPEC_KEYS]
+    problems = [
+        f"parameter {name!r}: unknown key {k!r} (allowed: {', '.join(sorted(SPEC_KEYS))})"
+        for k in spec
+        if k not in SPEC_KEYS
+    ]
     if action.nargs == 0 and not boolean_ok:
-        problems.append(f"parameter {name!r}: --{name} is a switch and wandb passes --{name}=True, which the "
-                        "script refuses (use ${args_no_boolean_flags} in command)")
+        problems.append(
+            f"parameter {name!r}: --{name} is a switch and wandb passes --{name}=True, which the "
+            "script refuses (use ${args_no_boolean_flags} in command)"
+        )
     if "values" in spec:
         if not isinstance(spec["values"], list) or not spec["values"]:
             return problems + [f"parameter {name!r}: values must be a non-empty list"]
@@ -118,8 +139,10 @@ def _check_parameter(name: str, spec: Any, flags: dict[str, argparse.Action], bo
     elif "min" in spec and "max" in spec:
         lo, hi = spec["min"], spec["max"]
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (lo, hi)):
-            return problems + [f"parameter {name!r}: min/max must be numbers, got {lo!r}/{hi!r} "
-                               "(YAML reads 1e-5 as text: write 1.0e-5)"]
+            return problems + [
+                f"parameter {name!r}: min/max must be numbers, got {lo!r}/{hi!r} "
+                "(YAML reads 1e-5 as text: write 1.0e-5)"
+            ]
         dist = spec.get("distribution") or ("int_uniform" if isinstance(lo, int) and isinstance(hi, int) else "uniform")
         if dist not in INT_DISTRIBUTIONS | FLOAT_DISTRIBUTIONS:
             return problems + [f"parameter {name!r}: unknown distribution {dist!r}"]
@@ -128,8 +151,10 @@ def _check_parameter(name: str, spec: Any, flags: dict[str, argparse.Action], bo
         if dist in POSITIVE_MIN and lo <= 0:
             problems.append(f"parameter {name!r}: {dist} needs min > 0")
         if dist in FLOAT_DISTRIBUTIONS and action.type is int:
-            problems.append(f"parameter {name!r}: distribution {dist} samples floats but --{name} takes int "
-                            "(use int_uniform or values)")
+            problems.append(
+                f"parameter {name!r}: distribution {dist} samples floats but --{name} takes int "
+                "(use int_uniform or values)"
+            )
         if method == "grid":
             problems.append(f"parameter {name!r}: grid search needs values, not a {dist} range")
         candidates = [lo, hi]

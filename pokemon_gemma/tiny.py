@@ -14,9 +14,16 @@ import torch
 
 # Gemma's special tokens, in Gemma's id order for the first three (pad 0, eos 1, bos 2).
 SPECIAL_TOKENS = [
-    "<pad>", "<eos>", "<bos>", "<unk>", "<mask>",
-    "<start_of_turn>", "<end_of_turn>",
-    "<start_of_image>", "<end_of_image>", "<image_soft_token>",
+    "<pad>",
+    "<eos>",
+    "<bos>",
+    "<unk>",
+    "<mask>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<start_of_image>",
+    "<end_of_image>",
+    "<image_soft_token>",
 ]
 
 # Gemma 3's chat template (the hub's `chat_template.jinja`): images become `<start_of_image>`.
@@ -30,7 +37,7 @@ GEMMA3_CHAT_TEMPLATE = (
     "{%- endif -%}"
     "{%- set loop_messages = messages[1:] -%}"
     "{%- else -%}"
-    "{%- set first_user_prefix = \"\" -%}"
+    '{%- set first_user_prefix = "" -%}'
     "{%- set loop_messages = messages -%}"
     "{%- endif -%}"
     "{%- for message in loop_messages -%}"
@@ -64,8 +71,11 @@ _CORPUS = [
     "Session goal: walk to the door and enter the house. Previous buttons: up, left, a.",
     "Frames t-3, t-2, t-1, t (oldest first). navigation battle menu dialogue pokemon_center",
     "Go to the door. Talk to the NPC. Explore the route and find the next town.",
-] + [f'{{"button": "{b}", "reasoning": "move {b} toward the goal", "context": "navigation", '
-     f'"scene_description": "overworld"}}' for b in _BUTTONS]
+] + [
+    f'{{"button": "{b}", "reasoning": "move {b} toward the goal", "context": "navigation", '
+    f'"scene_description": "overworld"}}'
+    for b in _BUTTONS
+]
 
 
 def _corpus() -> list[str]:
@@ -94,10 +104,17 @@ def build_tokenizer(vocab_size: int = 1024):
     tok.train_from_iterator(_corpus() * 4, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>", mask_token="<mask>",
+        pad_token="<pad>",
+        eos_token="<eos>",
+        bos_token="<bos>",
+        unk_token="<unk>",
+        mask_token="<mask>",
         extra_special_tokens={
-            "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>",
-            "sot_token": "<start_of_turn>", "eot_token": "<end_of_turn>",
+            "boi_token": "<start_of_image>",
+            "eoi_token": "<end_of_image>",
+            "image_token": "<image_soft_token>",
+            "sot_token": "<start_of_turn>",
+            "eot_token": "<end_of_turn>",
         },
         padding_side="right",
         chat_template=GEMMA3_CHAT_TEMPLATE,
@@ -111,14 +128,23 @@ def _sincos_2d(grid: int, dim: int) -> torch.Tensor:
     assert dim % 4 == 0
     quarter = dim // 4
     omega = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter))
-    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij"
+    )
     out_y = ys.reshape(-1, 1) * omega
     out_x = xs.reshape(-1, 1) * omega
     return torch.cat([out_y.sin(), out_y.cos(), out_x.sin(), out_x.cos()], dim=1)
 
 
-def tiny_config(vocab_size: int, image_size: int = 64, patch_size: int = 8, mm_tokens_per_image: int = 16,
-                hidden_size: int = 64, text_layers: int = 6, vision_layers: int = 2):
+def tiny_config(
+    vocab_size: int,
+    image_size: int = 64,
+    patch_size: int = 8,
+    mm_tokens_per_image: int = 16,
+    hidden_size: int = 64,
+    text_layers: int = 6,
+    vision_layers: int = 2,
+):
     from transformers import Gemma3Config
 
     patches_per_side = image_size // patch_size
@@ -131,19 +157,36 @@ def tiny_config(vocab_size: int, image_size: int = 64, patch_size: int = 8, mm_t
     if hidden_size % 64:
         raise ValueError("hidden_size must be a multiple of 64 (bitsandbytes CPU nf4 crashes below)")
     text_config = dict(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=hidden_size * 2,
-        num_hidden_layers=text_layers, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
-        query_pre_attn_scalar=32, max_position_embeddings=4096, sliding_window=512,
-        sliding_window_pattern=min(6, text_layers), initializer_range=0.2,
-        pad_token_id=0, eos_token_id=1, bos_token_id=2,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=text_layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        query_pre_attn_scalar=32,
+        max_position_embeddings=4096,
+        sliding_window=512,
+        sliding_window_pattern=min(6, text_layers),
+        initializer_range=0.2,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
     )
     vision_config = dict(
-        model_type="siglip_vision_model", hidden_size=hidden_size, intermediate_size=hidden_size * 2,
-        num_hidden_layers=vision_layers, num_attention_heads=2, image_size=image_size,
-        patch_size=patch_size, vision_use_head=False,
+        model_type="siglip_vision_model",
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch_size,
+        vision_use_head=False,
     )
     return Gemma3Config(
-        text_config=text_config, vision_config=vision_config, mm_tokens_per_image=mm_tokens_per_image,
+        text_config=text_config,
+        vision_config=vision_config,
+        mm_tokens_per_image=mm_tokens_per_image,
         initializer_range=0.2,
     )
 
@@ -173,16 +216,23 @@ def build_tiny_model(output_dir: str | Path, seed: int = 0, image_size: int = 64
         pos = model.model.vision_tower.embeddings.position_embedding.weight
         pos.copy_(_sincos_2d(image_size // config.vision_config.patch_size, pos.shape[1]))
     model.generation_config = GenerationConfig(
-        bos_token_id=2, pad_token_id=0, eos_token_id=[1, ids("<end_of_turn>")], do_sample=False,
+        bos_token_id=2,
+        pad_token_id=0,
+        eos_token_id=[1, ids("<end_of_turn>")],
+        do_sample=False,
     )
     model.save_pretrained(output_dir)
 
     image_processor = Gemma3ImageProcessorPil(
-        size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+        size={"height": image_size, "width": image_size},
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
         resample=2,
     )
     processor = Gemma3Processor(
-        image_processor=image_processor, tokenizer=tokenizer, chat_template=GEMMA3_CHAT_TEMPLATE,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=GEMMA3_CHAT_TEMPLATE,
         image_seq_length=config.mm_tokens_per_image,
     )
     processor.save_pretrained(output_dir)

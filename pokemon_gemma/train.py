@@ -25,7 +25,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .collate import Collator, SampleError
-from .config import Settings, add_settings_args, load_settings_or_exit, setup_logging, settings_from_args
+from .config import Settings, add_settings_args, load_settings_or_exit, settings_from_args, setup_logging
 from .dataset import Record, RecordError, load_records
 from .fileio import JsonlError, atomic_write_json, file_sha256
 from .loss import loss_sum
@@ -35,11 +35,39 @@ from .scoring import ButtonScorer
 log = logging.getLogger("pokemon_gemma.train")
 
 TRAIN_FLAGS = [
-    "model_name", "dataset_path", "eval_dataset_path", "output_dir", "max_steps", "num_epochs", "batch_size",
-    "grad_accum", "learning_rate", "warmup_ratio", "weight_decay", "lr_scheduler", "max_seq_length", "lora_r",
-    "lora_alpha", "lora_dropout", "lora_targets", "use_peft", "use_qlora", "gradient_checkpointing",
-    "mixed_precision", "frame_layout", "eval_steps", "save_steps", "save_total_limit", "logging_steps", "seed",
-    "max_grad_norm", "eval_max_samples", "eval_batch_size", "dataloader_workers", "report_to", "run_name",
+    "model_name",
+    "dataset_path",
+    "eval_dataset_path",
+    "output_dir",
+    "max_steps",
+    "num_epochs",
+    "batch_size",
+    "grad_accum",
+    "learning_rate",
+    "warmup_ratio",
+    "weight_decay",
+    "lr_scheduler",
+    "max_seq_length",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_targets",
+    "use_peft",
+    "use_qlora",
+    "gradient_checkpointing",
+    "mixed_precision",
+    "frame_layout",
+    "eval_steps",
+    "save_steps",
+    "save_total_limit",
+    "logging_steps",
+    "seed",
+    "max_grad_norm",
+    "eval_max_samples",
+    "eval_batch_size",
+    "dataloader_workers",
+    "report_to",
+    "run_name",
 ]
 
 
@@ -50,9 +78,14 @@ def build_arg_parser(settings: Settings | None = None) -> argparse.ArgumentParse
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_settings_args(parser, settings, TRAIN_FLAGS)
-    parser.add_argument("--no_peft", dest="use_peft", action="store_false", help="alias of --no-use_peft (full fine-tuning)")
-    parser.add_argument("--resume_from_checkpoint", default=None,
-                        help="'latest' (newest checkpoint in --output_dir) or a checkpoint folder")
+    parser.add_argument(
+        "--no_peft", dest="use_peft", action="store_false", help="alias of --no-use_peft (full fine-tuning)"
+    )
+    parser.add_argument(
+        "--resume_from_checkpoint",
+        default=None,
+        help="'latest' (newest checkpoint in --output_dir) or a checkpoint folder",
+    )
     return parser
 
 
@@ -72,8 +105,10 @@ def plan_steps(n_samples: int, s: Settings, world: int) -> StepPlan:
     per_step = global_micro * s.grad_accum
     steps_per_epoch = n_samples // per_step
     if steps_per_epoch == 0:
-        raise TrainingError(f"{n_samples} training samples are fewer than one optimizer step "
-                            f"(batch {s.batch_size} x accum {s.grad_accum} x {world} processes = {per_step})")
+        raise TrainingError(
+            f"{n_samples} training samples are fewer than one optimizer step "
+            f"(batch {s.batch_size} x accum {s.grad_accum} x {world} processes = {per_step})"
+        )
     total = s.max_steps if s.max_steps > 0 else max(1, math.ceil(steps_per_epoch * s.num_epochs))
     return StepPlan(steps_per_epoch, total, global_micro)
 
@@ -90,7 +125,7 @@ def step_indices(plan: StepPlan, s: Settings, step: int, n: int, rank: int) -> l
     out = []
     for k in range(s.grad_accum):
         start = (in_epoch * s.grad_accum + k) * plan.global_micro_batch + rank * s.batch_size
-        out.append(order[start:start + s.batch_size])
+        out.append(order[start : start + s.batch_size])
     return out
 
 
@@ -98,8 +133,9 @@ class StepMicroBatches(torch.utils.data.Dataset):
     """Item j = collated micro-batch j of this process from `start_step` on, in training order, so a
     DataLoader with workers prepares the next micro-batches while the model trains."""
 
-    def __init__(self, records: list[Record], collator: Collator, plan: StepPlan, s: Settings, rank: int,
-                 start_step: int):
+    def __init__(
+        self, records: list[Record], collator: Collator, plan: StepPlan, s: Settings, rank: int, start_step: int
+    ):
         self.records, self.collator, self.plan, self.s, self.rank = records, collator, plan, s, rank
         self.start_step = start_step
 
@@ -116,8 +152,9 @@ def make_scheduler(optimizer, s: Settings, total_steps: int):
     from transformers import get_scheduler
 
     name = "constant_with_warmup" if s.lr_scheduler == "constant" else s.lr_scheduler
-    return get_scheduler(name, optimizer, num_warmup_steps=int(s.warmup_ratio * total_steps),
-                         num_training_steps=total_steps)
+    return get_scheduler(
+        name, optimizer, num_warmup_steps=int(s.warmup_ratio * total_steps), num_training_steps=total_steps
+    )
 
 
 def build_model(s: Settings):
@@ -126,8 +163,15 @@ def build_model(s: Settings):
     precision = "bf16" if s.mixed_precision == "bf16" else "no"
     model = load_model(s.model_name, precision=precision, qlora=s.use_qlora, token=s.hub_token)
     if s.use_peft or s.use_qlora:
-        model = apply_lora(model, r=s.lora_r, alpha=s.lora_alpha, dropout=s.lora_dropout, targets=s.lora_targets,
-                           qlora=s.use_qlora, gradient_checkpointing=s.gradient_checkpointing)
+        model = apply_lora(
+            model,
+            r=s.lora_r,
+            alpha=s.lora_alpha,
+            dropout=s.lora_dropout,
+            targets=s.lora_targets,
+            qlora=s.use_qlora,
+            gradient_checkpointing=s.gradient_checkpointing,
+        )
     elif s.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -139,16 +183,22 @@ def filter_trainable_samples(records: list[Record], collator: Collator, name: st
     kept, shortened = [], 0
     for r in records:
         try:
-            _, was_shortened = collator.fit_context(r.context, r.question, r.output.strip() + "<end_of_turn>\n",
-                                                    r.sample_id)
+            _, was_shortened = collator.fit_context(
+                r.context, r.question, r.output.strip() + "<end_of_turn>\n", r.sample_id
+            )
         except SampleError as exc:
             log.warning("rejected %s sample: %s", name, exc)
             continue
         shortened += was_shortened
         kept.append(r)
     if len(kept) < len(records) or shortened:
-        log.warning("%s: %d samples kept, %d rejected as too long, %d with shortened context",
-                    name, len(kept), len(records) - len(kept), shortened)
+        log.warning(
+            "%s: %d samples kept, %d rejected as too long, %d with shortened context",
+            name,
+            len(kept),
+            len(records) - len(kept),
+            shortened,
+        )
     if not kept:
         raise TrainingError(f"{name}: no sample fits --max_seq_length {collator.max_seq_length}")
     return kept
@@ -171,9 +221,14 @@ class MetricsLog:
             try:
                 import wandb
 
-                self.wandb = wandb.init(project=s.wandb_project, entity=s.wandb_entity or None,
-                                        name=s.run_name or output_dir.name, config=s.masked(),
-                                        mode=s.wandb_mode or None, resume="allow")
+                self.wandb = wandb.init(
+                    project=s.wandb_project,
+                    entity=s.wandb_entity or None,
+                    name=s.run_name or output_dir.name,
+                    config=s.masked(),
+                    mode=s.wandb_mode or None,
+                    resume="allow",
+                )
             except Exception as exc:  # noqa: BLE001 - W&B unreachable must not stop training
                 log.warning("W&B disabled: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         elif s.report_to == "tensorboard":
@@ -213,7 +268,7 @@ def evaluate(model, collator: Collator, records: list[Record], batch_size: int) 
     model.eval()
     total, tokens = 0.0, 0
     for i in range(0, len(records), batch_size):
-        batch = collator(records[i:i + batch_size])
+        batch = collator(records[i : i + batch_size])
         batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items()}
         value, n = loss_sum(model, batch)
         total, tokens = total + float(value), tokens + n
@@ -241,8 +296,9 @@ def train(s: Settings, resume_from: str | None = None) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    accelerator = Accelerator(mixed_precision=s.mixed_precision, cpu=not torch.cuda.is_available()
-                              and not torch.backends.mps.is_available())
+    accelerator = Accelerator(
+        mixed_precision=s.mixed_precision, cpu=not torch.cuda.is_available() and not torch.backends.mps.is_available()
+    )
     world, rank = accelerator.num_processes, accelerator.process_index
     output_dir = Path(s.output_dir)
     if os.environ.get("WANDB_SWEEP_ID") and os.environ.get("WANDB_RUN_ID"):
@@ -284,8 +340,13 @@ def train(s: Settings, resume_from: str | None = None) -> Path:
             state = ckpt.load_checkpoint(path, accelerator.unwrap_model(model), optimizer, scheduler, rank)
             log.info("resumed from %s at step %d", path, state["step"])
 
-    run_config = {**s.masked(), "dataset_sha256": file_sha256(s.dataset_path), "world_size": world,
-                  "train_samples": len(train_records), "total_steps": plan.total_steps}
+    run_config = {
+        **s.masked(),
+        "dataset_sha256": file_sha256(s.dataset_path),
+        "world_size": world,
+        "train_samples": len(train_records),
+        "total_steps": plan.total_steps,
+    }
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(output_dir / "run_config.json", run_config)
@@ -295,8 +356,14 @@ def train(s: Settings, resume_from: str | None = None) -> Path:
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=plan.total_steps, initial=state["step"], desc="train", unit="step",
-               disable=not accelerator.is_main_process, dynamic_ncols=True)
+    bar = tqdm(
+        total=plan.total_steps,
+        initial=state["step"],
+        desc="train",
+        unit="step",
+        disable=not accelerator.is_main_process,
+        dynamic_ncols=True,
+    )
     device = accelerator.device
     model.train()
     window = new_window()
@@ -308,16 +375,32 @@ def train(s: Settings, resume_from: str | None = None) -> Path:
 
             rngs = gather_object(rngs)
         if accelerator.is_main_process:
-            ckpt.save_checkpoint(output_dir, step, accelerator.unwrap_model(model), optimizer, scheduler,
-                                 {**state, "step": step, "epoch": step / plan.steps_per_epoch},
-                                 run_config, rngs, s.save_total_limit)
+            ckpt.save_checkpoint(
+                output_dir,
+                step,
+                accelerator.unwrap_model(model),
+                optimizer,
+                scheduler,
+                {**state, "step": step, "epoch": step / plan.steps_per_epoch},
+                run_config,
+                rngs,
+                s.save_total_limit,
+            )
         accelerator.wait_for_everyone()
 
-    loader = iter(torch.utils.data.DataLoader(
-        StepMicroBatches(train_records, collator, plan, s, rank, state["step"]), batch_size=None, shuffle=False,
-        num_workers=s.dataloader_workers, pin_memory=torch.cuda.is_available(),
-        generator=torch.Generator().manual_seed(s.seed),  # its seed draw must not move the global RNG (exact resume)
-        prefetch_factor=2 * s.grad_accum if s.dataloader_workers > 0 else None))
+    loader = iter(
+        torch.utils.data.DataLoader(
+            StepMicroBatches(train_records, collator, plan, s, rank, state["step"]),
+            batch_size=None,
+            shuffle=False,
+            num_workers=s.dataloader_workers,
+            pin_memory=torch.cuda.is_available(),
+            generator=torch.Generator().manual_seed(
+                s.seed
+            ),  # its seed draw must not move the global RNG (exact resume)
+            prefetch_factor=2 * s.grad_accum if s.dataloader_workers > 0 else None,
+        )
+    )
     while state["step"] < plan.total_steps:
         step = state["step"]
         micro = [next(loader) for _ in range(s.grad_accum)]
@@ -329,21 +412,33 @@ def train(s: Settings, resume_from: str | None = None) -> Path:
         optimizer.zero_grad(set_to_none=True)
         state["step"] = step = step + 1
 
-        total_loss = float(accelerator.reduce(torch.tensor(step_loss, device=device), "sum")) if world > 1 else step_loss
+        total_loss = (
+            float(accelerator.reduce(torch.tensor(step_loss, device=device), "sum")) if world > 1 else step_loss
+        )
         window["loss"] += total_loss / n_step
         window["steps"] += 1
         window["tokens"] += sum(int(b["attention_mask"].sum()) for b in micro) * world
         window["samples"] += plan.global_micro_batch * s.grad_accum
         elapsed = time.perf_counter() - window["start"]
         bar.update(1)
-        bar.set_postfix(loss=f"{total_loss / n_step:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
-                        samples_s=f"{window['samples'] / elapsed:.1f}", tokens_s=f"{window['tokens'] / elapsed:.0f}")
+        bar.set_postfix(
+            loss=f"{total_loss / n_step:.4f}",
+            lr=f"{scheduler.get_last_lr()[0]:.2e}",
+            samples_s=f"{window['samples'] / elapsed:.1f}",
+            tokens_s=f"{window['tokens'] / elapsed:.0f}",
+        )
 
         row = {}
         if step % max(s.logging_steps, 1) == 0 or step == plan.total_steps:
-            row = {"step": step, "train/loss": window["loss"] / window["steps"], "lr": scheduler.get_last_lr()[0],
-                   "samples_per_s": window["samples"] / elapsed, "tokens_per_s": window["tokens"] / elapsed,
-                   "epoch": step / plan.steps_per_epoch, **peak_memory()}
+            row = {
+                "step": step,
+                "train/loss": window["loss"] / window["steps"],
+                "lr": scheduler.get_last_lr()[0],
+                "samples_per_s": window["samples"] / elapsed,
+                "tokens_per_s": window["tokens"] / elapsed,
+                "epoch": step / plan.steps_per_epoch,
+                **peak_memory(),
+            }
             window = new_window()
         if eval_records and ((s.eval_steps > 0 and step % s.eval_steps == 0) or step == plan.total_steps):
             eval_start = time.perf_counter()
@@ -353,8 +448,13 @@ def train(s: Settings, resume_from: str | None = None) -> Path:
                 bar.write(f"step {step}: eval loss {results['eval/loss']:.4f}, accuracy {results['eval/accuracy']:.3f}")
                 if state["best_accuracy"] is None or results["eval/accuracy"] > state["best_accuracy"]:
                     state["best_accuracy"], state["best_step"] = results["eval/accuracy"], step
-                    save_final(accelerator.unwrap_model(model), processor, output_dir / "best", run_config,
-                               {"step": step, **results})
+                    save_final(
+                        accelerator.unwrap_model(model),
+                        processor,
+                        output_dir / "best",
+                        run_config,
+                        {"step": step, **results},
+                    )
             accelerator.wait_for_everyone()
             state["best_accuracy"], state["best_step"] = _broadcast_best(accelerator, state)
             window["start"] += time.perf_counter() - eval_start  # throughput excludes eval time
@@ -369,8 +469,13 @@ def train(s: Settings, resume_from: str | None = None) -> Path:
     bar.close()
     metrics.close()
     if accelerator.is_main_process and not stop.requested:
-        save_final(accelerator.unwrap_model(model), processor, output_dir, run_config,
-                   {"step": state["step"], "best_accuracy": state["best_accuracy"], "best_step": state["best_step"]})
+        save_final(
+            accelerator.unwrap_model(model),
+            processor,
+            output_dir,
+            run_config,
+            {"step": state["step"], "best_accuracy": state["best_accuracy"], "best_step": state["best_step"]},
+        )
         log.info("saved %s (final) and %s (best at step %s)", output_dir, output_dir / "best", state["best_step"])
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -397,7 +502,7 @@ def backward_step(accelerator, model, micro: list[dict[str, torch.Tensor]]) -> t
     for k, batch in enumerate(micro):
         batch = {key: v.to(device) for key, v in batch.items()}
         last = k == len(micro) - 1
-        with (nullcontext() if last else accelerator.no_sync(model)), accelerator.autocast():
+        with nullcontext() if last else accelerator.no_sync(model), accelerator.autocast():
             value, _ = loss_sum(model, batch)
             accelerator.backward(value * world / n_step)
         step_loss += float(value.detach())

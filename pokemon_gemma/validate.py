@@ -32,12 +32,15 @@ MAX_SHOWN = 20  # printed per check; the JSON report has all
 
 # Shapes of the gated hub models, used when their config is not available offline.
 KNOWN_MODELS = {
-    "google/gemma-3-4b-it": dict(params=4.30e9, hidden=2560, intermediate=10240, layers=34, heads=8, kv_heads=4,
-                                 head_dim=256, vocab=262208),
-    "google/gemma-3-12b-it": dict(params=12.19e9, hidden=3840, intermediate=15360, layers=48, heads=16, kv_heads=8,
-                                  head_dim=256, vocab=262208),
-    "google/gemma-3-27b-it": dict(params=27.43e9, hidden=5376, intermediate=21504, layers=62, heads=32, kv_heads=16,
-                                  head_dim=128, vocab=262208),
+    "google/gemma-3-4b-it": dict(
+        params=4.30e9, hidden=2560, intermediate=10240, layers=34, heads=8, kv_heads=4, head_dim=256, vocab=262208
+    ),
+    "google/gemma-3-12b-it": dict(
+        params=12.19e9, hidden=3840, intermediate=15360, layers=48, heads=16, kv_heads=8, head_dim=256, vocab=262208
+    ),
+    "google/gemma-3-27b-it": dict(
+        params=27.43e9, hidden=5376, intermediate=21504, layers=62, heads=32, kv_heads=16, head_dim=128, vocab=262208
+    ),
 }
 
 
@@ -76,11 +79,14 @@ class Report:
         return not any(i.level == "error" for i in self.issues)
 
     def to_dict(self) -> dict:
-        return {"ok": self.ok,
-                "errors": sum(i.level == "error" for i in self.issues),
-                "warnings": sum(i.level == "warning" for i in self.issues),
-                "checks": {name: {"status": self.status(name), "summary": s} for name, s in self.checks.items()},
-                "issues": [asdict(i) for i in self.issues], **self.data}
+        return {
+            "ok": self.ok,
+            "errors": sum(i.level == "error" for i in self.issues),
+            "warnings": sum(i.level == "warning" for i in self.issues),
+            "checks": {name: {"status": self.status(name), "summary": s} for name, s in self.checks.items()},
+            "issues": [asdict(i) for i in self.issues],
+            **self.data,
+        }
 
 
 @dataclass
@@ -91,8 +97,9 @@ class Row:
 
 
 # --------------------------------------------------------------------------- splits and records
-def split_files(dataset_path: str, eval_path: str | None = None, test_path: str | None = None,
-                split_dir: str | None = None) -> dict[str, Path]:
+def split_files(
+    dataset_path: str, eval_path: str | None = None, test_path: str | None = None, split_dir: str | None = None
+) -> dict[str, Path]:
     """train = --dataset_path (or SPLIT_DIR/train.jsonl); val/test = the flags, else the sibling
     val.jsonl/test.jsonl beside the training file when they exist."""
     if split_dir:
@@ -152,8 +159,12 @@ def check_frames(rows: list[Row], report: Report) -> set[str]:
     for frame in tqdm(users, desc="decoding frames", unit="frame", leave=False):
         first = users[frame][0].where
         if not Path(frame).is_file():
-            report.error("frames", first, f"frame not found: {frame}",
-                         f"used by {len(users[frame])} sample(s); restore it or re-convert")
+            report.error(
+                "frames",
+                first,
+                f"frame not found: {frame}",
+                f"used by {len(users[frame])} sample(s); restore it or re-convert",
+            )
             bad.add(frame)
             continue
         try:
@@ -164,10 +175,15 @@ def check_frames(rows: list[Row], report: Report) -> set[str]:
             report.error("frames", first, f"frame does not decode: {frame} ({exc})", "replace the PNG or re-convert")
             bad.add(frame)
     if len(sizes) > 1:
-        report.warn("frames", "", f"frames have {len(sizes)} different sizes: {dict(sizes.most_common(5))}",
-                    "fine for the processor, but check the recordings")
-    report.checks["frames"] = (f"{len(users)} distinct frames, {len(users) - len(bad)} decode; "
-                               f"sizes {dict(sizes.most_common(3))}")
+        report.warn(
+            "frames",
+            "",
+            f"frames have {len(sizes)} different sizes: {dict(sizes.most_common(5))}",
+            "fine for the processor, but check the recordings",
+        )
+    report.checks["frames"] = (
+        f"{len(users)} distinct frames, {len(users) - len(bad)} decode; sizes {dict(sizes.most_common(3))}"
+    )
     report.data["frames"] = {"distinct": len(users), "bad": len(bad), "sizes": dict(sizes)}
     return bad
 
@@ -180,15 +196,20 @@ def check_labels(by_split: dict[str, list[Row]], report: Report) -> None:
         if rows:
             top, n = counts.most_common(1)[0]
             if n / len(rows) > 0.5 and len(rows) >= 10:
-                report.warn("labels", name, f"'{top}' is {n / len(rows):.0%} of the samples "
-                            "(a constant answer already scores that much)", "consider rebalancing")
+                report.warn(
+                    "labels",
+                    name,
+                    f"'{top}' is {n / len(rows):.0%} of the samples (a constant answer already scores that much)",
+                    "consider rebalancing",
+                )
     train = set(b for b, n in dist.get("train", {}).items() if n)
     for name in ("val", "test"):
         unseen = [b for b, n in dist.get(name, {}).items() if n and b not in train]
         if unseen:
             report.warn("labels", name, f"buttons never seen in train: {', '.join(unseen)}")
     report.checks["labels"] = "; ".join(
-        f"{name}: " + ", ".join(f"{b} {n}" for b, n in counts.items() if n) for name, counts in dist.items())
+        f"{name}: " + ", ".join(f"{b} {n}" for b, n in counts.items() if n) for name, counts in dist.items()
+    )
     report.data["label_distribution"] = dist
 
 
@@ -205,8 +226,12 @@ def check_duplicates(rows: list[Row], report: Report) -> None:
             if key in seen:
                 first = seen[key]
                 what = "same frames" if key[0] == "frames" else f"same window {r.sample_id}"
-                report.error("duplicates", row.where, f"duplicate window ({what} as {first.where})",
-                             "remove one of them; the converter de-duplicates")
+                report.error(
+                    "duplicates",
+                    row.where,
+                    f"duplicate window ({what} as {first.where})",
+                    "remove one of them; the converter de-duplicates",
+                )
                 dups += 1
                 break
             seen[key] = row
@@ -221,17 +246,23 @@ def check_sessions(by_split: dict[str, list[Row]], report: Report) -> None:
     names = [n for n in SPLITS if n in sessions]
     overlaps = {}
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             common = sorted(sessions[a] & sessions[b])
             if common:
                 overlaps[f"{a}/{b}"] = common
                 shown = ", ".join(map(str, common[:5])) + (f" and {len(common) - 5} more" if len(common) > 5 else "")
-                report.error("sessions", f"{a}/{b}", f"{len(common)} session(s) in both splits: {shown}",
-                             "split by session id (convert_eevee_data_v2.py does) so validation is not leaked")
+                report.error(
+                    "sessions",
+                    f"{a}/{b}",
+                    f"{len(common)} session(s) in both splits: {shown}",
+                    "split by session id (convert_eevee_data_v2.py does) so validation is not leaked",
+                )
     if len(names) < 2:
         summary = "only one split: no overlap to check"
     else:
-        summary = ", ".join(f"{n} {len(sessions[n])}" for n in names) + f" sessions; {len(overlaps)} overlapping pair(s)"
+        summary = (
+            ", ".join(f"{n} {len(sessions[n])}" for n in names) + f" sessions; {len(overlaps)} overlapping pair(s)"
+        )
     report.checks["sessions"] = summary
     report.data["sessions"] = {"per_split": {n: len(s) for n, s in sessions.items()}, "overlaps": overlaps}
 
@@ -257,15 +288,17 @@ def check_tokens(rows: list[Row], bad_frames: set[str], s: Settings, report: Rep
         report.checks["tokens"] = "not checked: processor not loadable"
         return {}
     collator = Collator(processor, s.max_seq_length, s.frame_layout)
-    lengths = [(collator.sample_length(row.record), row) for row in tqdm(rows, desc="counting tokens", unit="sample",
-                                                                         leave=False)]
+    lengths = [
+        (collator.sample_length(row.record), row)
+        for row in tqdm(rows, desc="counting tokens", unit="sample", leave=False)
+    ]
     if not lengths:
         report.checks["tokens"] = "no valid samples"
         return {}
     longest_first = sorted(lengths, key=lambda t: -t[0])
     to_encode = [t for t in longest_first if t[0] > s.max_seq_length] + longest_first[:encode_samples]
     shortened, rejected, done = 0, 0, set()
-    for length, row in to_encode:
+    for _length, row in to_encode:
         if id(row) in done or any(f in bad_frames for f in row.record.frames):
             continue
         done.add(id(row))
@@ -278,19 +311,32 @@ def check_tokens(rows: list[Row], bad_frames: set[str], s: Settings, report: Rep
         shortened += sample.context_shortened
     values = [n for n, _ in lengths]
     report.token_lengths = values
-    stats = {"tokens_per_image": collator.tokens_per_image, "images_per_sample": collator.n_images,
-             "image_tokens_per_sample": collator.tokens_per_image * collator.n_images,
-             "max": max(values), "p95": percentile(values, 0.95), "mean": sum(values) / len(values),
-             "max_seq_length": s.max_seq_length, "over_limit": sum(v > s.max_seq_length for v in values),
-             "context_shortened": shortened, "rejected": rejected}
+    stats = {
+        "tokens_per_image": collator.tokens_per_image,
+        "images_per_sample": collator.n_images,
+        "image_tokens_per_sample": collator.tokens_per_image * collator.n_images,
+        "max": max(values),
+        "p95": percentile(values, 0.95),
+        "mean": sum(values) / len(values),
+        "max_seq_length": s.max_seq_length,
+        "over_limit": sum(v > s.max_seq_length for v in values),
+        "context_shortened": shortened,
+        "rejected": rejected,
+    }
     if stats["p95"] > s.max_seq_length:
-        report.warn("tokens", "", f"p95 length {stats['p95']} > --max_seq_length {s.max_seq_length}: most long "
-                    "samples lose context text", "raise --max_seq_length or use --frame_layout grid")
+        report.warn(
+            "tokens",
+            "",
+            f"p95 length {stats['p95']} > --max_seq_length {s.max_seq_length}: most long samples lose context text",
+            "raise --max_seq_length or use --frame_layout grid",
+        )
     elif shortened:
         report.warn("tokens", "", f"{shortened} sample(s) will have their context shortened to fit {s.max_seq_length}")
-    report.checks["tokens"] = (f"max {stats['max']}, p95 {stats['p95']}, mean {stats['mean']:.0f} tokens "
-                               f"({stats['image_tokens_per_sample']} image tokens) vs --max_seq_length "
-                               f"{s.max_seq_length}; {stats['over_limit']} over, {rejected} rejected")
+    report.checks["tokens"] = (
+        f"max {stats['max']}, p95 {stats['p95']}, mean {stats['mean']:.0f} tokens "
+        f"({stats['image_tokens_per_sample']} image tokens) vs --max_seq_length "
+        f"{s.max_seq_length}; {stats['over_limit']} over, {rejected} rejected"
+    )
     report.data["tokens"] = stats
     return stats
 
@@ -305,9 +351,17 @@ def model_shape(model_name: str, token: str | None = None) -> dict | None:
         with torch.device("meta"):
             model = AutoModelForImageTextToText.from_config(config)
         t = config.text_config
-        return dict(params=sum(p.numel() for p in model.parameters()), hidden=t.hidden_size,
-                    intermediate=t.intermediate_size, layers=t.num_hidden_layers, heads=t.num_attention_heads,
-                    kv_heads=t.num_key_value_heads, head_dim=t.head_dim, vocab=t.vocab_size, source="config")
+        return dict(
+            params=sum(p.numel() for p in model.parameters()),
+            hidden=t.hidden_size,
+            intermediate=t.intermediate_size,
+            layers=t.num_hidden_layers,
+            heads=t.num_attention_heads,
+            kv_heads=t.num_key_value_heads,
+            head_dim=t.head_dim,
+            vocab=t.vocab_size,
+            source="config",
+        )
     except Exception:  # noqa: BLE001 - offline hub id, unknown folder: fall back to the table
         known = KNOWN_MODELS.get(model_name)
         return {**known, "source": "table"} if known else None
@@ -334,8 +388,12 @@ def estimate_memory_gb(shape: dict, s: Settings, seq_len: int, answer_tokens: in
     activations = s.batch_size * seq_len * h * layers * per_token_layer * act_bytes
     logits = s.batch_size * answer_tokens * shape["vocab"] * 4 * 2  # fp32 logits + their gradient
     total = (weights + grads + optim + activations + logits) * 1.15  # CUDA context, fragmentation
-    return {k: v / GIB for k, v in dict(weights=weights, grads=grads, optimizer=optim, activations=activations,
-                                        logits=logits, total=total).items()} | {"trainable_params": trainable}
+    return {
+        k: v / GIB
+        for k, v in dict(
+            weights=weights, grads=grads, optimizer=optim, activations=activations, logits=logits, total=total
+        ).items()
+    } | {"trainable_params": trainable}
 
 
 def _count(n: float) -> str:
@@ -346,8 +404,12 @@ def gpu_info() -> dict:
     info = {"torch": torch.__version__, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if info["cuda"]:
         props = torch.cuda.get_device_properties(0)
-        info.update(device=props.name, device_count=torch.cuda.device_count(), memory_gb=props.total_memory / GIB,
-                    bf16=torch.cuda.is_bf16_supported())
+        info.update(
+            device=props.name,
+            device_count=torch.cuda.device_count(),
+            memory_gb=props.total_memory / GIB,
+            bf16=torch.cuda.is_bf16_supported(),
+        )
     elif info["mps"]:
         try:
             torch.ones(1, dtype=torch.bfloat16, device="mps")
@@ -377,28 +439,49 @@ def check_environment(s: Settings, stats: dict, report: Report) -> None:
     else:
         info["bitsandbytes"] = None
     if s.use_qlora and info["bitsandbytes"] is None:
-        report.error("environment", "bitsandbytes", "--use_qlora needs bitsandbytes, which is not installed",
-                     "pip install bitsandbytes (see requirements.txt) or drop --use_qlora")
+        report.error(
+            "environment",
+            "bitsandbytes",
+            "--use_qlora needs bitsandbytes, which is not installed",
+            "pip install bitsandbytes (see requirements.txt) or drop --use_qlora",
+        )
     if s.use_qlora and not info["cuda"]:
         report.warn("environment", "bitsandbytes", "QLoRA without CUDA runs 4-bit kernels on the CPU (very slow)")
     if s.mixed_precision == "bf16" and not info["bf16"]:
-        report.error("environment", info["device"], "--mixed_precision bf16 is not supported on this GPU",
-                     "use --mixed_precision fp16 or no")
+        report.error(
+            "environment",
+            info["device"],
+            "--mixed_precision bf16 is not supported on this GPU",
+            "use --mixed_precision fp16 or no",
+        )
     if not info["cuda"] and not info["mps"]:
-        report.warn("environment", "device", "no CUDA or MPS device: training runs on the CPU (fine for the tiny model)")
-    report.checks["environment"] = (f"torch {info['torch']}, {info['device']}"
-                                    + (f" {info['memory_gb']:.1f} GiB" if info.get("memory_gb") else "")
-                                    + f", bf16 {'yes' if info['bf16'] else 'no'}, bitsandbytes "
-                                    + (info["bitsandbytes"] or "missing"))
+        report.warn(
+            "environment", "device", "no CUDA or MPS device: training runs on the CPU (fine for the tiny model)"
+        )
+    report.checks["environment"] = (
+        f"torch {info['torch']}, {info['device']}"
+        + (f" {info['memory_gb']:.1f} GiB" if info.get("memory_gb") else "")
+        + f", bf16 {'yes' if info['bf16'] else 'no'}, bitsandbytes "
+        + (info["bitsandbytes"] or "missing")
+    )
 
     # Model access: presence of a token only; its value never leaves the settings object.
     token_set = bool(s.hub_token)
     info["gated_model"], info["hub_token"] = is_gated(s.model_name), "set" if token_set else "not set"
     if info["gated_model"] and not token_set:
-        report.error("model access", s.model_name, "gated model id and no HUGGINGFACE_TOKEN",
-                     "accept the licence on huggingface.co and put HUGGINGFACE_TOKEN=... in .env")
-    access = ("local or public, no token needed" if not info["gated_model"]
-              else "gated, token set (not shown)" if token_set else "gated, no token")
+        report.error(
+            "model access",
+            s.model_name,
+            "gated model id and no HUGGINGFACE_TOKEN",
+            "accept the licence on huggingface.co and put HUGGINGFACE_TOKEN=... in .env",
+        )
+    access = (
+        "local or public, no token needed"
+        if not info["gated_model"]
+        else "gated, token set (not shown)"
+        if token_set
+        else "gated, no token"
+    )
     report.checks["model access"] = f"{s.model_name}: {access}"
 
     # Memory estimate and disk.
@@ -412,21 +495,30 @@ def check_environment(s: Settings, stats: dict, report: Report) -> None:
         info["memory_estimate_gb"] = est
         info["params"] = shape["params"]
         mode = "QLoRA" if s.use_qlora else "LoRA" if s.use_peft else "full fine-tuning"
-        report.checks["memory estimate"] = (f"~{est['total']:.1f} GiB for {_count(shape['params'])} params, {mode}, "
-                                            f"batch {s.batch_size} x {seq_len} tokens (rough: measure with "
-                                            "find_batch_size.py)")
+        report.checks["memory estimate"] = (
+            f"~{est['total']:.1f} GiB for {_count(shape['params'])} params, {mode}, "
+            f"batch {s.batch_size} x {seq_len} tokens (rough: measure with "
+            "find_batch_size.py)"
+        )
         if info.get("memory_gb") and est["total"] > info["memory_gb"]:
-            report.warn("memory estimate", info["device"], f"estimate {est['total']:.1f} GiB > device "
-                        f"{info['memory_gb']:.1f} GiB", "use --use_qlora, --gradient_checkpointing, a smaller "
-                        "--batch_size or --frame_layout grid")
+            report.warn(
+                "memory estimate",
+                info["device"],
+                f"estimate {est['total']:.1f} GiB > device {info['memory_gb']:.1f} GiB",
+                "use --use_qlora, --gradient_checkpointing, a smaller --batch_size or --frame_layout grid",
+            )
     out = Path(s.output_dir).resolve()
     probe = next((p for p in [out, *out.parents] if p.exists()), Path("/"))
     free = shutil.disk_usage(probe).free / GIB
     need = 1.0 + (2 * 2 * shape["params"] / GIB if shape else 0)  # bf16 merged copy + export, plus checkpoints
     info["free_disk_gb"], info["disk_needed_gb"] = free, need
     if free < need:
-        report.warn("disk", str(probe), f"{free:.1f} GiB free, about {need:.1f} GiB needed for checkpoints, "
-                    "the merged model and its export", "free disk space or change --output_dir")
+        report.warn(
+            "disk",
+            str(probe),
+            f"{free:.1f} GiB free, about {need:.1f} GiB needed for checkpoints, the merged model and its export",
+            "free disk space or change --output_dir",
+        )
     report.checks["disk"] = f"{free:.1f} GiB free at {probe} (about {need:.1f} GiB needed)"
     report.data["environment"] = info
 
@@ -444,9 +536,19 @@ def validate(s: Settings, files: dict[str, Path], encode_samples: int = 8) -> Re
     check_sessions(by_split, report)
     stats = check_tokens(rows, bad_frames, s, report, encode_samples) if rows else {}
     check_environment(s, stats, report)
-    report.data["settings"] = {k: getattr(s, k) for k in ("model_name", "max_seq_length", "frame_layout", "batch_size",
-                                                          "use_peft", "use_qlora", "gradient_checkpointing",
-                                                          "mixed_precision")}
+    report.data["settings"] = {
+        k: getattr(s, k)
+        for k in (
+            "model_name",
+            "max_seq_length",
+            "frame_layout",
+            "batch_size",
+            "use_peft",
+            "use_qlora",
+            "gradient_checkpointing",
+            "mixed_precision",
+        )
+    }
     return report
 
 

@@ -1,13 +1,10 @@
 #!/usr/bin/env python
-"""Serve the model over HTTP: POST /v1/predict, POST /v1/chat/completions (OpenAI-compatible),
-GET /health, /ready, /metrics. Binds 127.0.0.1 by default."""
+"""Serve the model over HTTP (torch backend by default).
 
-import sys
-from pathlib import Path
+Thin wrapper: the same command as `pokemon-gemma-serve` (logic: pokemon_gemma/serve/server.py).
+"""
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from pokemon_gemma.serve.server import main  # noqa: E402
+from pokemon_gemma.serve.server import main
 
 if __name__ == "__main__":
-    raise SystemExit(main(description=__doc__))
+    raise SystemExit(main())

@@ -1,14 +1,10 @@
 #!/usr/bin/env python
-"""The inference server with the MLX backend on an exported MLX folder:
-`MODEL_PATH=models/pokemon-gemma-mlx python scripts/mlx_inference_server.py`
-(MODEL_PATH, HOST, PORT from the environment or .env; every inference_server.py flag works here)."""
+"""Serve an exported MLX folder over HTTP (MLX backend by default).
 
-import sys
-from pathlib import Path
+Thin wrapper: the same command as `pokemon-gemma-serve-mlx` (logic: pokemon_gemma/serve/server.py).
+"""
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from pokemon_gemma.serve.server import main  # noqa: E402
+from pokemon_gemma.serve.server import main_mlx
 
 if __name__ == "__main__":
-    raise SystemExit(main(default_backend="mlx", description=__doc__))
+    raise SystemExit(main_mlx())

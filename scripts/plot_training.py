@@ -1,32 +1,10 @@
 #!/usr/bin/env python
 """Plot a training run's curves: RUN_DIR/metrics.jsonl -> RUN_DIR/training_curves.png.
 
-Panels: train and validation loss, validation accuracy, learning rate, against the optimizer step.
+Thin wrapper: the same command as `pokemon-gemma-plot-training` (logic: pokemon_gemma/cli/plot_training.py).
 """
 
-import argparse
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--run_dir", required=True,
-                        help="training run folder holding metrics.jsonl (one JSON object per logged step: step, "
-                             "train/loss, lr, and eval/loss, eval/accuracy at eval steps)")
-    args = parser.parse_args(argv)
-    from pokemon_gemma.plots import PlotError, plot_training_run
-
-    try:
-        path = plot_training_run(args.run_dir)
-    except PlotError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(f"training curves: {path}")
-    return 0
-
+from pokemon_gemma.cli.plot_training import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

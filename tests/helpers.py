@@ -10,8 +10,16 @@ from PIL import Image, ImageDraw
 
 from pokemon_gemma.dataset import BUTTONS, QUESTION, make_output
 
-COLOURS = [(230, 30, 30), (30, 200, 30), (30, 30, 230), (230, 230, 30), (230, 30, 230), (30, 230, 230),
-           (250, 150, 0), (120, 120, 120)]
+COLOURS = [
+    (230, 30, 30),
+    (30, 200, 30),
+    (30, 30, 230),
+    (230, 230, 30),
+    (230, 30, 230),
+    (30, 230, 230),
+    (250, 150, 0),
+    (120, 120, 120),
+]
 
 
 def make_frame(path: Path, button_index: int, jitter: int) -> str:
@@ -21,8 +29,14 @@ def make_frame(path: Path, button_index: int, jitter: int) -> str:
     return str(path)
 
 
-def write_dataset(folder: Path, n: int, seed: int = 0, name: str = "train.jsonl", sessions: int = 4,
-                  context: str = "Goal: reach the door.") -> Path:
+def write_dataset(
+    folder: Path,
+    n: int,
+    seed: int = 0,
+    name: str = "train.jsonl",
+    sessions: int = 4,
+    context: str = "Goal: reach the door.",
+) -> Path:
     """n records of 4 frames each; relative frame paths; label = colour of the last frame."""
     rng = random.Random(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -36,12 +50,20 @@ def write_dataset(folder: Path, n: int, seed: int = 0, name: str = "train.jsonl"
             make_frame(folder / fname, lab, rng.randrange(30))
             frames.append(fname)
         button = BUTTONS[labels[-1]]
-        rows.append({
-            "frames": frames, "context": context, "question": QUESTION,
-            "output": make_output(button, f"press {button}", "navigation", "test scene"),
-            "metadata": {"session_id": f"s{i % sessions}", "turns": [i, i + 1, i + 2, i + 3],
-                         "previous_buttons": [BUTTONS[x] for x in labels[:3]], "scene_context": "navigation"},
-        })
+        rows.append(
+            {
+                "frames": frames,
+                "context": context,
+                "question": QUESTION,
+                "output": make_output(button, f"press {button}", "navigation", "test scene"),
+                "metadata": {
+                    "session_id": f"s{i % sessions}",
+                    "turns": [i, i + 1, i + 2, i + 3],
+                    "previous_buttons": [BUTTONS[x] for x in labels[:3]],
+                    "scene_context": "navigation",
+                },
+            }
+        )
     path = folder / name
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

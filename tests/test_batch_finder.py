@@ -14,14 +14,16 @@ from tests.helpers import write_dataset
 
 # A longer context makes each extra sample cost tens of MB, well above the RSS noise (~2 MB).
 LONG_CONTEXT = "Goal: reach the door. " + " ".join(f"step {i} went up then left" for i in range(30))
-ENV_TEXT = ("# settings for the run\n"
-            "export MODEL_NAME=google/gemma-3-4b-it   # the base\n"
-            "BATCH_SIZE=1\n"
-            "\n"
-            "# accumulate micro-batches\n"
-            "LEARNING_RATE=0.0002\r\n"
-            "HUGGINGFACE_TOKEN=hf_keep_me_exactly\n"
-            "WANDB_PROJECT=pokemon")  # no final newline: appended keys must start on their own line
+ENV_TEXT = (
+    "# settings for the run\n"
+    "export MODEL_NAME=google/gemma-3-4b-it   # the base\n"
+    "BATCH_SIZE=1\n"
+    "\n"
+    "# accumulate micro-batches\n"
+    "LEARNING_RATE=0.0002\r\n"
+    "HUGGINGFACE_TOKEN=hf_keep_me_exactly\n"
+    "WANDB_PROJECT=pokemon"
+)  # no final newline: appended keys must start on their own line
 
 
 def _load_script():
@@ -37,12 +39,14 @@ script = _load_script()
 @pytest.fixture
 def run_script(capsys):
     """The CLI in this process (probes still run in their own processes): exit code, stdout, stderr."""
+
     def run(*args):
         if "--env_file" not in args:  # never the checkout's own .env
             args = (*args, "--env_file", "/nonexistent/.env", "--output", "/nonexistent/bs.json")
         code = script.main([str(a) for a in args])
         out = capsys.readouterr()
         return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+
     return run
 
 
@@ -67,8 +71,9 @@ def test_search_doubles_then_bisects_to_the_largest_fit():
     assert probed == [1, 2, 4, 8, 6, 5] and [r.batch_size for r in results if r.fits] == [1, 2, 4, 5]
 
 
-def test_budget_between_two_measured_peaks_picks_the_larger_size_under_it(tiny_model_dir, long_dataset, tmp_path,
-                                                                          run_script):
+def test_budget_between_two_measured_peaks_picks_the_larger_size_under_it(
+    tiny_model_dir, long_dataset, tmp_path, run_script
+):
     s = Settings(model_name=str(tiny_model_dir), dataset_path=str(long_dataset), max_seq_length=4096)
     records = load_records(long_dataset)
     p2 = probe_in_child(s, records, 2, 2)
@@ -80,9 +85,27 @@ def test_budget_between_two_measured_peaks_picks_the_larger_size_under_it(tiny_m
     env_file = tmp_path / "demo.env"
     env_file.write_bytes(ENV_TEXT.encode())
     out = tmp_path / "bs.json"
-    proc = run_script("--dataset_path", long_dataset, "--model_name", tiny_model_dir, "--max_seq_length", 4096,
-                      "--max_batch_size", 4, "--probe_steps", 2, "--max_memory_gb", budget,
-                      "--target_effective_batch", 16, "--output", out, "--env_file", env_file, "--update_env")
+    proc = run_script(
+        "--dataset_path",
+        long_dataset,
+        "--model_name",
+        tiny_model_dir,
+        "--max_seq_length",
+        4096,
+        "--max_batch_size",
+        4,
+        "--probe_steps",
+        2,
+        "--max_memory_gb",
+        budget,
+        "--target_effective_batch",
+        16,
+        "--output",
+        out,
+        "--env_file",
+        env_file,
+        "--update_env",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
     fits = {r["batch_size"]: r["fits"] for r in report["results"]}
@@ -116,9 +139,23 @@ def test_batch_1_not_fitting_says_what_to_change(tiny_model_dir, tmp_path, run_s
     env_file = tmp_path / "x.env"
     env_file.write_text("BATCH_SIZE=5\n")
     out = tmp_path / "bs.json"
-    proc = run_script("--dataset_path", data, "--model_name", tiny_model_dir, "--max_batch_size", 4,
-                      "--probe_steps", 2, "--max_memory_gb", 0.05, "--output", out, "--env_file", env_file,
-                      "--update_env")
+    proc = run_script(
+        "--dataset_path",
+        data,
+        "--model_name",
+        tiny_model_dir,
+        "--max_batch_size",
+        4,
+        "--probe_steps",
+        2,
+        "--max_memory_gb",
+        0.05,
+        "--output",
+        out,
+        "--env_file",
+        env_file,
+        "--update_env",
+    )
     assert proc.returncode == 1
     err = proc.stderr.strip().splitlines()[-1]
     assert err.startswith("error: even batch size 1 does not fit")
@@ -131,7 +168,10 @@ def test_batch_1_not_fitting_says_what_to_change(tiny_model_dir, tmp_path, run_s
 
 def test_missing_empty_dataset_and_unloadable_model_are_one_line_errors(tiny_model_dir, tmp_path, run_script):
     proc = run_script("--dataset_path", tmp_path / "nope.jsonl", "--model_name", tiny_model_dir)
-    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'nope.jsonl'}: file not found"
+    assert (
+        proc.returncode == 1
+        and proc.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'nope.jsonl'}: file not found"
+    )
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     proc = run_script("--dataset_path", empty, "--model_name", tiny_model_dir)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import subprocess
 import sys
 from datetime import datetime, timedelta
@@ -24,8 +23,9 @@ LEGACY = SHARED / "data" / "eevee_legacy_examples"
 
 
 def run_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
-                          cwd=REPO_ROOT, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120
+    )
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -40,33 +40,70 @@ def png(colour: int) -> bytes:
 
 def v3_turn(turn: int, ts: datetime, button="up", *, parsed="default", reasoning=None) -> dict:
     if parsed == "default":
-        parsed = {"button_presses": [button] if isinstance(button, str) else button,
-                  "reasoning": reasoning or f"REASON-{turn}: walk towards the door, it is {button} of me",
-                  "observations": f"OBSERVED-{turn}: a path and a door", "context_detected": "navigation",
-                  "confidence": "high"}
-    return {"turn": turn, "timestamp": ts.isoformat(),
-            "ai_analysis": {"parsed_json": parsed, "raw_text": "```json\n" + json.dumps(parsed) + "\n```",
-                            "parsing_success": parsed is not None},
-            "button_presses": (parsed or {}).get("button_presses", ["b"]), "action_result": True,
-            "screenshot_path": f"screenshot_{turn}.png", "execution_time": (ts - timedelta(seconds=0.5)).isoformat(),
-            "template_used": "exploration_strategy", "template_version": "6.3",
-            "visual_analysis": {"scene_type": "navigation"}, "strategic_context": None, "memory_context": None}
+        parsed = {
+            "button_presses": [button] if isinstance(button, str) else button,
+            "reasoning": reasoning or f"REASON-{turn}: walk towards the door, it is {button} of me",
+            "observations": f"OBSERVED-{turn}: a path and a door",
+            "context_detected": "navigation",
+            "confidence": "high",
+        }
+    return {
+        "turn": turn,
+        "timestamp": ts.isoformat(),
+        "ai_analysis": {
+            "parsed_json": parsed,
+            "raw_text": "```json\n" + json.dumps(parsed) + "\n```",
+            "parsing_success": parsed is not None,
+        },
+        "button_presses": (parsed or {}).get("button_presses", ["b"]),
+        "action_result": True,
+        "screenshot_path": f"screenshot_{turn}.png",
+        "execution_time": (ts - timedelta(seconds=0.5)).isoformat(),
+        "template_used": "exploration_strategy",
+        "template_version": "6.3",
+        "visual_analysis": {"scene_type": "navigation"},
+        "strategic_context": None,
+        "memory_context": None,
+    }
 
 
-def write_session(runs: Path, sid: str, n: int = 6, *, buttons=("up", "right", "down", "left", "a", "b"),
-                  gap: float = 11.0, turns=None, data=None, frames=True, dirname=None) -> Path:
+def write_session(
+    runs: Path,
+    sid: str,
+    n: int = 6,
+    *,
+    buttons=("up", "right", "down", "left", "a", "b"),
+    gap: float = 11.0,
+    turns=None,
+    data=None,
+    frames=True,
+    dirname=None,
+) -> Path:
     """A V3 session folder (the real writer's shape); `turns`/`data` replace the generated parts."""
     d = runs / (dirname or f"session_{sid}")
     (d / "sshots").mkdir(parents=True, exist_ok=True)
     start = datetime(2025, 6, 27, 10, 0, 0)
     if turns is None:
-        turns = [v3_turn(t, start + timedelta(seconds=gap * t), buttons[(t - 1) % len(buttons)]) for t in range(1, n + 1)]
+        turns = [
+            v3_turn(t, start + timedelta(seconds=gap * t), buttons[(t - 1) % len(buttons)]) for t in range(1, n + 1)
+        ]
     if data is None:
-        data = {"session_metadata": {"session_id": sid, "goal": "reach the door", "start_time": start.isoformat(),
-                                     "status": "running", "total_turns": n, "successful_turns": n,
-                                     "fine_tuning_eligible": 0},
-                "session_id": sid, "goal": "reach the door", "start_time": start.isoformat(), "turns": turns,
-                "enhanced_turns": []}
+        data = {
+            "session_metadata": {
+                "session_id": sid,
+                "goal": "reach the door",
+                "start_time": start.isoformat(),
+                "status": "running",
+                "total_turns": n,
+                "successful_turns": n,
+                "fine_tuning_eligible": 0,
+            },
+            "session_id": sid,
+            "goal": "reach the door",
+            "start_time": start.isoformat(),
+            "turns": turns,
+            "enhanced_turns": [],
+        }
     if frames:
         for t in range(1, n + 1):
             (d / "sshots" / f"step_{t:04d}_grid.png").write_bytes(png(t))
@@ -99,45 +136,100 @@ def _build_malformed(runs: Path) -> dict[str, str]:
     bad("20250601_000005", "empty_session", n=0)
     d = bad("20250601_000006", "no_session_data")
     (d / "session_data.json").unlink()
-    bad("20250601_000007", "unexpected_fields",
-        turns=[{**v3_turn(t, at(t)), "mystery_key": 1} for t in range(1, 7)])
+    bad("20250601_000007", "unexpected_fields", turns=[{**v3_turn(t, at(t)), "mystery_key": 1} for t in range(1, 7)])
     bad("20250601_000008", "invalid_buttons_only", turns=[v3_turn(t, at(t), ["jump", "FLY"]) for t in range(1, 7)])
-    bad("20250601_000009", "pathfinding_no_buttons",
-        turns=[v3_turn(t, at(t), parsed={"pathfinding_action": "move_to_coordinate", "target_x": 3, "target_y": 4,
-                                         "reasoning": "go there", "confidence": "high"}) for t in range(1, 7)])
+    bad(
+        "20250601_000009",
+        "pathfinding_no_buttons",
+        turns=[
+            v3_turn(
+                t,
+                at(t),
+                parsed={
+                    "pathfinding_action": "move_to_coordinate",
+                    "target_x": 3,
+                    "target_y": 4,
+                    "reasoning": "go there",
+                    "confidence": "high",
+                },
+            )
+            for t in range(1, 7)
+        ],
+    )
     bad("20250601_000010", "no_parsed_decision", turns=[v3_turn(t, at(t), parsed=None) for t in range(1, 7)])
-    v1 = [{"turn": t, "timestamp": at(t).isoformat(), "ai_analysis": "I think moving up is best.",
-           "button_presses": ["up"], "action_result": True, "screenshot_path": f"screenshot_{t}.png",
-           "execution_time": 0.0} for t in range(1, 7)]
-    bad("20250601_000011", "no_parsed_decision",
-        data={"session_id": "20250601_000011", "goal": "g", "start_time": at(0).isoformat(), "turns": v1})
+    v1 = [
+        {
+            "turn": t,
+            "timestamp": at(t).isoformat(),
+            "ai_analysis": "I think moving up is best.",
+            "button_presses": ["up"],
+            "action_result": True,
+            "screenshot_path": f"screenshot_{t}.png",
+            "execution_time": 0.0,
+        }
+        for t in range(1, 7)
+    ]
+    bad(
+        "20250601_000011",
+        "no_parsed_decision",
+        data={"session_id": "20250601_000011", "goal": "g", "start_time": at(0).isoformat(), "turns": v1},
+    )
     bad("20250601_000012", "time_gap", gap=200.0)
     bad("20250601_000013", "wrong_type", turns=["turn one", "turn two", "turn three", "turn four", "x", "y"])
     d = bad("20250601_000014", "empty_file")
     (d / "session_data.json").write_text("")
     bad("20250601_000015", "unrecognised_format", data={"run": "20250601_000015", "steps": []})
-    bad("20250601_000016", "bad_timestamp",
-        turns=[{**v3_turn(t, at(t)), "timestamp": "yesterday", "execution_time": 0.0} for t in range(1, 7)])
+    bad(
+        "20250601_000016",
+        "bad_timestamp",
+        turns=[{**v3_turn(t, at(t)), "timestamp": "yesterday", "execution_time": 0.0} for t in range(1, 7)],
+    )
     bad("20250601_000017", "turn_order", turns=[v3_turn(t, at(7 - t)) for t in (6, 5, 4, 3, 2, 1)])
     bad("20250601_000018", "too_few_turns", n=2)
     d = bad("20250601_000019", "unreadable")
     (d / "session_data.json").write_bytes(b'{"goal": "\xff\xfe broken"}')
-    bad("20250601_000020", "wrong_type", turns=[{**v3_turn(t, at(t)), "ai_analysis": {"parsed_json": ["up"]}}
-                                                for t in range(1, 7)])
-    bad("20250601_000021", "duplicate_session_id", dirname="session_20250601_000021",
-        data=json.loads((good / "session_data.json").read_text()))
-    v0 = {"goal": "g", "total_turns": 5, "max_turns": 50, "session_duration": 9.0, "final_status": "completed",
-          "gameplay_history": [{"turn": t, "timestamp": at(t).isoformat(), "goal": "g", "ai_analysis": "free text",
-                                "button_presses": ["up"], "action_result": True,
-                                "screenshot_path": f"/nonexistent/eevee/analysis/eevee_context_{t}.png",
-                                "execution_time": 2.0} for t in range(1, 6)]}
+    bad(
+        "20250601_000020",
+        "wrong_type",
+        turns=[{**v3_turn(t, at(t)), "ai_analysis": {"parsed_json": ["up"]}} for t in range(1, 7)],
+    )
+    bad(
+        "20250601_000021",
+        "duplicate_session_id",
+        dirname="session_20250601_000021",
+        data=json.loads((good / "session_data.json").read_text()),
+    )
+    v0 = {
+        "goal": "g",
+        "total_turns": 5,
+        "max_turns": 50,
+        "session_duration": 9.0,
+        "final_status": "completed",
+        "gameplay_history": [
+            {
+                "turn": t,
+                "timestamp": at(t).isoformat(),
+                "goal": "g",
+                "ai_analysis": "free text",
+                "button_presses": ["up"],
+                "action_result": True,
+                "screenshot_path": f"/nonexistent/eevee/analysis/eevee_context_{t}.png",
+                "execution_time": 2.0,
+            }
+            for t in range(1, 6)
+        ],
+    }
     d = bad("20250601_000022", "no_frames", data=v0, frames=False, dirname="20250601_000022_continuous")
     expected[d.name] = expected.pop("session_20250601_000022")
     # A V1 session whose string reply holds a ```json block is NOT bad: it converts.
-    v1_ok = [{**turn, "ai_analysis": "Reply:\n```json\n{\"button_presses\": [\"LEFT\"], \"reasoning\": \"r\"}\n```"}
-             for turn in v1]
-    write_session(runs, "20250601_000030", data={"session_id": "20250601_000030", "goal": "g",
-                                                 "start_time": at(0).isoformat(), "turns": v1_ok})
+    v1_ok = [
+        {**turn, "ai_analysis": 'Reply:\n```json\n{"button_presses": ["LEFT"], "reasoning": "r"}\n```'} for turn in v1
+    ]
+    write_session(
+        runs,
+        "20250601_000030",
+        data={"session_id": "20250601_000030", "goal": "g", "start_time": at(0).isoformat(), "turns": v1_ok},
+    )
     return expected
 
 
@@ -173,8 +265,11 @@ def test_malformed_corpus_converts_good_sessions_and_reports_each_bad_one(malfor
         assert rec["context"].startswith("Goal: reach the door")
     reported: dict[str, set] = {}
     for item in summary["problems"]["items"]:
-        name = next(part for part in Path(item["file"].split(":")[0]).parts
-                    if part.startswith("session_") or part.endswith("_continuous"))
+        name = next(
+            part
+            for part in Path(item["file"].split(":")[0]).parts
+            if part.startswith("session_") or part.endswith("_continuous")
+        )
         reported.setdefault(name, set()).update((item["reason"], item["detail"]))
     for name, reason in expected.items():
         assert name in reported, f"{name} ({reason}) not reported"
@@ -182,16 +277,38 @@ def test_malformed_corpus_converts_good_sessions_and_reports_each_bad_one(malfor
     skipped = {Path(s["path"]).name for s in summary["skipped_sessions"]}
     assert skipped == set(expected), skipped ^ set(expected)
     w = summary["windows"]
-    assert w["candidates"] == w["produced"] + w["duplicates_removed"] + w["skipped"] == sum(
-        w["skipped_by_reason"].values()) + w["produced"] + w["duplicates_removed"]
+    assert (
+        w["candidates"]
+        == w["produced"] + w["duplicates_removed"] + w["skipped"]
+        == sum(w["skipped_by_reason"].values()) + w["produced"] + w["duplicates_removed"]
+    )
     assert w["duplicates_removed"] == 3
 
 
-@pytest.mark.parametrize("kind", [
-    "invalid_json", "wrong_type", "corrupt_frame", "missing_frame", "empty_session", "no_session_data",
-    "unexpected_fields", "invalid_buttons_only", "pathfinding_no_buttons", "no_parsed_decision", "time_gap",
-    "empty_file", "unrecognised_format", "bad_timestamp", "turn_order", "too_few_turns", "unreadable",
-    "duplicate_session_id", "no_frames"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "invalid_json",
+        "wrong_type",
+        "corrupt_frame",
+        "missing_frame",
+        "empty_session",
+        "no_session_data",
+        "unexpected_fields",
+        "invalid_buttons_only",
+        "pathfinding_no_buttons",
+        "no_parsed_decision",
+        "time_gap",
+        "empty_file",
+        "unrecognised_format",
+        "bad_timestamp",
+        "turn_order",
+        "too_few_turns",
+        "unreadable",
+        "duplicate_session_id",
+        "no_frames",
+    ],
+)
 def test_strict_fails_on_each_malformed_kind(malformed, tmp_path, kind):
     runs, expected = malformed
     name = next(n for n, r in expected.items() if r == kind)
@@ -220,8 +337,10 @@ def test_labels_case_select_and_first_valid_button():
 
 def test_hole_in_turn_numbers_keeps_window_and_min_frames_pads(tmp_path):
     start = datetime(2025, 6, 27, 10, 0, 0)
-    turns = [v3_turn(t, start + timedelta(seconds=11 * t), b) for t, b in
-             [(1, "up"), (2, "SELECT"), (3, "down"), (5, "left"), (6, "a")]]
+    turns = [
+        v3_turn(t, start + timedelta(seconds=11 * t), b)
+        for t, b in [(1, "up"), (2, "SELECT"), (3, "down"), (5, "left"), (6, "a")]
+    ]
     d = write_session(tmp_path / "runs", "20250701_000000", n=6, turns=turns)
     (d / "sshots" / "step_0004_grid.png").unlink()  # turn 4 was never recorded
     s = convert_corpus(tmp_path, tmp_path / "out", progress=False, val_fraction=0, test_fraction=0)
@@ -293,7 +412,10 @@ def test_real_runs_produce_exactly_the_reference_windows(real):
         md = rec.metadata
         assert rec.button == row["button"], key
         assert (md["context"], md["template_used"], md["confidence"]) == (
-            row["context"], row["template_used"], row["confidence"]), key
+            row["context"],
+            row["template_used"],
+            row["confidence"],
+        ), key
         assert rec.question == dataset.QUESTION
         assert len(md["previous_buttons"]) == 3
         assert all(Path(f).is_file() for f in rec.frames)
@@ -342,7 +464,7 @@ def test_context_never_contains_target_reasoning_or_observations(real, tmp_path)
         assert out["reasoning"] == reasoning  # the target text is in the answer ...
         for text in filter(None, (reasoning, observations)):
             for k in range(0, max(1, len(text) - 40), 40):  # ... and no 40-char piece of it is in the context
-                piece = text[k:k + 40]
+                piece = text[k : k + 40]
                 if piece not in rec["metadata"]["session_goal"]:  # the goal may be allowed to repeat it
                     assert piece not in rec["context"], (sid, turns, piece)
         assert rec["metadata"]["session_goal"] in rec["context"]

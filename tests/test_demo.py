@@ -14,22 +14,58 @@ import pytest
 from PIL import Image
 
 from pokemon_gemma import demo
-from pokemon_gemma.demo import (DOOR, GRASS, GRID, PATH, ROOF, TILE_H, TILE_W, TREE, WALL, WATER, Scene,
-                                expert_button, generate_session, render, write_demo_sessions)
+from pokemon_gemma.demo import (
+    DOOR,
+    GRASS,
+    GRID,
+    PATH,
+    ROOF,
+    TILE_H,
+    TILE_W,
+    TREE,
+    WALL,
+    WATER,
+    Scene,
+    expert_button,
+    generate_session,
+    render,
+    write_demo_sessions,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "make_demo_sessions.py"
-V3_TURN_KEYS = {"turn", "timestamp", "ai_analysis", "button_presses", "action_result", "screenshot_path",
-                "execution_time", "template_used", "template_version", "visual_analysis", "strategic_context",
-                "memory_context"}
+V3_TURN_KEYS = {
+    "turn",
+    "timestamp",
+    "ai_analysis",
+    "button_presses",
+    "action_result",
+    "screenshot_path",
+    "execution_time",
+    "template_used",
+    "template_version",
+    "visual_analysis",
+    "strategic_context",
+    "memory_context",
+}
 TOP_KEYS = ["session_metadata", "session_id", "goal", "start_time", "turns", "enhanced_turns"]
-METADATA_KEYS = {"session_id", "goal", "start_time", "status", "total_turns", "successful_turns",
-                 "fine_tuning_eligible"}
+METADATA_KEYS = {
+    "session_id",
+    "goal",
+    "start_time",
+    "status",
+    "total_turns",
+    "successful_turns",
+    "fine_tuning_eligible",
+}
 
 
 def file_digests(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +101,7 @@ def test_layout_and_keys_match_real_v3_runs(demo_dir):
         assert list(data) == TOP_KEYS
         md = data["session_metadata"]
         assert set(md) == METADATA_KEYS
-        assert md["session_id"] == data["session_id"] == sdir.name[len("session_"):]
+        assert md["session_id"] == data["session_id"] == sdir.name[len("session_") :]
         assert md["total_turns"] == md["successful_turns"] == len(data["turns"]) >= 8
         assert data["goal"] == md["goal"] in demo.GOAL_SENTENCES
         previous = None
@@ -92,7 +128,7 @@ def test_layout_and_keys_match_real_v3_runs(demo_dir):
         assert [e["turn_number"] for e in data["enhanced_turns"]] == [t["turn"] for t in data["turns"]]
         assert all(list(e) == list(demo.TURN_DATA_KEYS) for e in data["enhanced_turns"])
     manifest = json.loads((demo_dir / demo.MANIFEST).read_text())
-    assert manifest["sessions"] == [p.name[len("session_"):] for p in sessions]
+    assert manifest["sessions"] == [p.name[len("session_") :] for p in sessions]
 
 
 def test_keys_equal_those_of_a_real_v3_session(demo_dir, shared_dir):
@@ -123,18 +159,21 @@ def open_world(player, facing, goal, kind="npc", pages=()) -> Scene:
     return scene
 
 
-@pytest.mark.parametrize("player,facing,goal,kind,expected", [
-    ((1, 4), "right", (4, 4), "npc", "right"),   # straight ahead
-    ((1, 1), "right", (4, 4), "npc", "down"),    # both axes shortest: the one across the facing
-    ((1, 1), "down", (4, 4), "npc", "right"),    # ... zig-zag the other way
-    ((3, 4), "right", (4, 4), "npc", "a"),       # adjacent and facing
-    ((3, 4), "up", (4, 4), "npc", "right"),      # adjacent, turn to face
-    ((4, 5), "left", (4, 4), "npc", "up"),
-    ((2, 4), "up", (2, 3), "door", "a"),         # below the door, facing it
-    ((2, 4), "right", (2, 3), "door", "up"),
-    ((3, 4), "up", (2, 3), "door", "left"),      # beside the door's stand tile
-    ((6, 1), "left", (2, 3), "door", "down"),
-])
+@pytest.mark.parametrize(
+    "player,facing,goal,kind,expected",
+    [
+        ((1, 4), "right", (4, 4), "npc", "right"),  # straight ahead
+        ((1, 1), "right", (4, 4), "npc", "down"),  # both axes shortest: the one across the facing
+        ((1, 1), "down", (4, 4), "npc", "right"),  # ... zig-zag the other way
+        ((3, 4), "right", (4, 4), "npc", "a"),  # adjacent and facing
+        ((3, 4), "up", (4, 4), "npc", "right"),  # adjacent, turn to face
+        ((4, 5), "left", (4, 4), "npc", "up"),
+        ((2, 4), "up", (2, 3), "door", "a"),  # below the door, facing it
+        ((2, 4), "right", (2, 3), "door", "up"),
+        ((3, 4), "up", (2, 3), "door", "left"),  # beside the door's stand tile
+        ((6, 1), "left", (2, 3), "door", "down"),
+    ],
+)
 def test_expert_follows_shortest_path_zigzag_and_interacts(player, facing, goal, kind, expected):
     assert expert_button(open_world(player, facing, goal, kind)) == expected
 
@@ -167,12 +206,12 @@ def read_scene(frame: np.ndarray) -> Scene:
     player = goal = facing = kind = None
     for y in range(GRID):
         for x in range(GRID):
-            tile = frame[y * TILE_H:(y + 1) * TILE_H, x * TILE_W:(x + 1) * TILE_W]
+            tile = frame[y * TILE_H : (y + 1) * TILE_H, x * TILE_W : (x + 1) * TILE_W]
             if has(tile, c["player"]):
                 player = (x, y)
                 ys, xs = np.nonzero((tile == np.array(c["facing"], np.uint8)).all(axis=2))
                 cy, cx = ys.mean() / TILE_H - 0.5, xs.mean() / TILE_W - 0.5
-                facing = (("down" if cy > 0 else "up") if abs(cy) > abs(cx) else ("right" if cx > 0 else "left"))
+                facing = ("down" if cy > 0 else "up") if abs(cy) > abs(cx) else ("right" if cx > 0 else "left")
                 tiles[y, x] = PATH if has(tile, c["path"]) else GRASS
             elif has(tile, c["npc"]):
                 goal, kind = (x, y), "npc"
@@ -332,8 +371,9 @@ def test_converted_windows_carry_the_expert_labels_and_stay_balanced(tmp_path):
 def test_camera_follows_the_player_in_a_larger_world_and_shows_a_small_world_whole():
     follow = [read_scene(t.frame) for i in range(3) for t in generate_session(9, i).turns if not t.scene.pages]
     assert follow and all(s.player == demo.CENTRE for s in follow)  # like the real game's centre tile
-    fixed = [read_scene(t.frame) for i in range(3) for t in generate_session(9, i, world_size=8).turns
-             if not t.scene.pages]
+    fixed = [
+        read_scene(t.frame) for i in range(3) for t in generate_session(9, i, world_size=8).turns if not t.scene.pages
+    ]
     assert len({s.player for s in fixed}) > 3
     world = open_world((0, 0), "up", (2, 1))  # player in the top-left corner of a 12x12 world
     world.tiles = np.full((12, 12), GRASS, dtype=np.int8)

@@ -37,8 +37,15 @@ def write_dataset(folder: Path, samples=SAMPLES, name: str = "test.jsonl") -> Pa
             img.paste((k * 60, 40, 200 - k * 40), (20 * k, 10, 20 * k + 30, 40))
             img.save(folder / f"s{i}_{k}.png")
             frames.append(f"s{i}_{k}.png")
-        rows.append({"frames": frames, "context": f"The player should press {button} now." + " Stay calm." * (i % 3), "question": QUESTION,
-                     "output": make_output(button), "metadata": {"session_id": "t", "turns": [i + 1], **md}})
+        rows.append(
+            {
+                "frames": frames,
+                "context": f"The player should press {button} now." + " Stay calm." * (i % 3),
+                "question": QUESTION,
+                "output": make_output(button),
+                "metadata": {"session_id": "t", "turns": [i + 1], **md},
+            }
+        )
     path = folder / name
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -103,8 +110,9 @@ def test_accuracy_confusion_and_contexts_equal_brute_force(confident_model_dir, 
     assert report["accuracy"] == pytest.approx(correct / 6)
     assert report["confusion_matrix"]["matrix"] == matrix
     assert report["confusion_matrix"]["labels"] == list(BUTTONS)
-    assert {k: (v["n"], v["correct"]) for k, v in report["accuracy_by_context"].items()} == \
-        {k: (len(v), sum(v)) for k, v in by_ctx.items()}
+    assert {k: (v["n"], v["correct"]) for k, v in report["accuracy_by_context"].items()} == {
+        k: (len(v), sum(v)) for k, v in by_ctx.items()
+    }
     for b in BUTTONS:
         assert report["mean_probability"][b] == pytest.approx(sum(p[b] for p in probs) / 6, abs=1e-5)
         tp, n_pred = matrix[BUTTONS.index(b)][BUTTONS.index(b)], sum(row[BUTTONS.index(b)] for row in matrix)
@@ -113,8 +121,11 @@ def test_accuracy_confusion_and_contexts_equal_brute_force(confident_model_dir, 
         assert (pb["support"], pb["predicted"]) == (support, n_pred)
         assert pb["recall"] == (pytest.approx(tp / support) if support else None)
         assert pb["precision"] == (pytest.approx(tp / n_pred) if n_pred else None)
-    f1s = [2 * matrix[i][i] / (sum(matrix[i]) + sum(r[i] for r in matrix)) for i in range(8)
-           if sum(matrix[i]) + sum(r[i] for r in matrix)]
+    f1s = [
+        2 * matrix[i][i] / (sum(matrix[i]) + sum(r[i] for r in matrix))
+        for i in range(8)
+        if sum(matrix[i]) + sum(r[i] for r in matrix)
+    ]
     assert report["macro_f1"] == pytest.approx(sum(f1s) / len(f1s))
     lat = report["latency_s"]
     assert 0 < lat["p50"] <= lat["p95"] and lat["mean"] > 0
@@ -137,10 +148,10 @@ def test_accuracy_confusion_and_contexts_equal_brute_force(confident_model_dir, 
 
 def test_score_and_generate_agree_on_a_confident_model(confident_model_dir, dataset, tmp_path):
     scored = run_eval(confident_model_dir, dataset, tmp_path / "score", limit=3)
-    generated = run_eval(confident_model_dir, dataset, tmp_path / "gen", limit=3, mode="generate",
-                         max_new_tokens=48)
-    batched = run_eval(confident_model_dir, dataset, tmp_path / "gen2", limit=3, mode="generate",
-                       max_new_tokens=48, batch_size=2)  # a full batch and a partial one, padded on the left
+    generated = run_eval(confident_model_dir, dataset, tmp_path / "gen", limit=3, mode="generate", max_new_tokens=48)
+    batched = run_eval(
+        confident_model_dir, dataset, tmp_path / "gen2", limit=3, mode="generate", max_new_tokens=48, batch_size=2
+    )  # a full batch and a partial one, padded on the left
     read = lambda d: [json.loads(x) for x in (tmp_path / d / "predictions.jsonl").read_text().splitlines()]  # noqa: E731
     assert [r["predicted"] for r in read("score")] == [r["predicted"] for r in read("gen")] == ["up", "down", "left"]
     assert scored["accuracy"] == generated["accuracy"] == 1.0
@@ -170,8 +181,14 @@ def rec(button, previous=None):
 
 
 def test_baselines_on_a_crafted_set():
-    records = [rec("up", ["down", "up"]), rec("up"), rec("down", ["down"]), rec("a", ["b"]), rec("a", ["A"]),
-               rec("a", [])]
+    records = [
+        rec("up", ["down", "up"]),
+        rec("up"),
+        rec("down", ["down"]),
+        rec("a", ["b"]),
+        rec("a", ["A"]),
+        rec("a", []),
+    ]
     b = ev.compute_baselines(records)
     assert b["majority"] == {"button": "a", "source": "eval", "accuracy": pytest.approx(3 / 6)}
     assert b["repeat_last"]["accuracy"] == pytest.approx(3 / 6)  # up, down, A->a right; b wrong; 2 missing
@@ -195,16 +212,24 @@ def test_adapter_folder_and_merged_folder(tiny_model_dir, dataset, tmp_path):
     merged = run_eval(tmp_path / "merged", dataset, tmp_path / "merged_eval", limit=3)
     assert (base["model_kind"], adapted["model_kind"], merged["model_kind"]) == ("base", "adapter", "merged")
     assert adapted["model_name"] == str(tmp_path / "adapter")
-    assert (adapted["resolved_base_model"], adapted["resolved_adapter_path"]) == (str(tiny_model_dir),
-                                                                               str(tmp_path / "adapter"))
+    assert (adapted["resolved_base_model"], adapted["resolved_adapter_path"]) == (
+        str(tiny_model_dir),
+        str(tmp_path / "adapter"),
+    )
     for b in BUTTONS:
         assert adapted["mean_probability"][b] == pytest.approx(base["mean_probability"][b], abs=1e-5)
         assert merged["mean_probability"][b] == pytest.approx(base["mean_probability"][b], abs=1e-5)
 
 
 def cli(*args, timeout=180):
-    return subprocess.run([sys.executable, "scripts/evaluate.py", *map(str, args)], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.run(
+        [sys.executable, "scripts/evaluate.py", *map(str, args)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 def test_cli_blank_frames_train_majority_and_compare(tiny_model_dir, dataset, tmp_path):
@@ -214,13 +239,27 @@ def test_cli_blank_frames_train_majority_and_compare(tiny_model_dir, dataset, tm
 
     train = write_dataset(tmp_path / "train", [("select", (0, 0, 0), {})] * 3 + [("up", (9, 9, 9), {})])
     out = tmp_path / "blank"
-    proc = cli("--model_name", tiny_model_dir, "--dataset_path", dataset, "--output_dir", out, "--limit", 4,
-               "--blank_frames", "--train_dataset_path", train, "--no_progress")
+    proc = cli(
+        "--model_name",
+        tiny_model_dir,
+        "--dataset_path",
+        dataset,
+        "--output_dir",
+        out,
+        "--limit",
+        4,
+        "--blank_frames",
+        "--train_dataset_path",
+        train,
+        "--no_progress",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"report: {out / 'eval_report.md'}" in proc.stdout
     report = json.loads((out / "eval_report.json").read_text())
     assert report["n"] == 4 and report["blank_frames"] is True
-    assert report["baselines"]["majority"]["button"] == "select" and report["baselines"]["majority"]["source"] == "train"
+    assert (
+        report["baselines"]["majority"]["button"] == "select" and report["baselines"]["majority"]["source"] == "train"
+    )
     # The CLI really scored black frames: same probabilities as scoring black images directly.
     model, processor = load_for_inference(str(tiny_model_dir), device="cpu")
     scorer = ButtonScorer(model, Collator(processor, 2048, "images"))
@@ -261,16 +300,26 @@ def test_plot_training_curves(tmp_path):
     rows[4].update({"eval/loss": 0.9, "eval/accuracy": 0.4})
     rows[9].update({"eval/loss": 0.5, "eval/accuracy": 0.7})
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    proc = subprocess.run([sys.executable, "scripts/plot_training.py", "--run_dir", str(run)], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "scripts/plot_training.py", "--run_dir", str(run)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     with Image.open(run / "training_curves.png") as im:
         im.load()
         assert im.format == "PNG" and im.size[0] > 800
 
     (run / "metrics.jsonl").write_text(json.dumps(rows[0]) + "\n\n{not json\n")
-    proc = subprocess.run([sys.executable, "scripts/plot_training.py", "--run_dir", str(run)], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "scripts/plot_training.py", "--run_dir", str(run)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1 and proc.stderr.startswith(f"error: {run / 'metrics.jsonl'}:3: invalid JSON")
 
 
@@ -288,8 +337,9 @@ def test_mlx_export_is_detected_and_evaluated(confident_model_dir, dataset, tmp_
 
     # --blank_frames reaches the MLX scorer too: the same scores as black frames given directly.
     backend = ev.load_backend(str(mlx_dir), blank_frames=True)
-    cfg = ev.EvalConfig(model_name=str(mlx_dir), dataset_path=str(dataset), output_dir=str(tmp_path / "b"),
-                        limit=2, blank_frames=True)
+    cfg = ev.EvalConfig(
+        model_name=str(mlx_dir), dataset_path=str(dataset), output_dir=str(tmp_path / "b"), limit=2, blank_frames=True
+    )
     ev.evaluate(cfg, backend=backend, progress=False)
     rows = [json.loads(x) for x in (tmp_path / "b" / "predictions.jsonl").read_text().splitlines()]
     for record, row in zip(load_records(dataset), rows):

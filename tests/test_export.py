@@ -3,7 +3,6 @@ real mlx-vlm converter, nothing mocked) and compare with PyTorch."""
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,14 +10,12 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "scripts"))
 
 pytest.importorskip("mlx_vlm")
 
-import convert_to_mlx  # noqa: E402
-import merge_qlora  # noqa: E402
-
 from pokemon_gemma import export  # noqa: E402
+from pokemon_gemma.cli import export_mlx as convert_to_mlx  # noqa: E402
+from pokemon_gemma.cli import merge as merge_qlora  # noqa: E402
 from pokemon_gemma.collate import Collator  # noqa: E402
 from pokemon_gemma.dataset import BUTTONS  # noqa: E402
 from pokemon_gemma.modeling import apply_lora, load_for_inference, load_model, load_processor  # noqa: E402
@@ -34,8 +31,11 @@ def base_dir(tmp_path_factory) -> Path:
     base = build_tiny_model(tmp_path_factory.mktemp("export") / "base", seed=0, hidden_size=128)
     (base / "tokenizer.model").write_bytes(b"sentencepiece model bytes\x00\x01")
     config = json.loads((base / "config.json").read_text())
-    config["text_config"]["rope_parameters"]["full_attention"] = {"rope_type": "linear", "factor": 8.0,
-                                                                   "rope_theta": 1000000.0}
+    config["text_config"]["rope_parameters"]["full_attention"] = {
+        "rope_type": "linear",
+        "factor": 8.0,
+        "rope_theta": 1000000.0,
+    }
     (base / "config.json").write_text(json.dumps(config, indent=2))
     return base
 
@@ -64,8 +64,20 @@ def adapter_dir(base_dir) -> Path:
 @pytest.fixture(scope="module")
 def merged_dir(base_dir, adapter_dir) -> Path:
     out = base_dir.parent / "merged"
-    rc = merge_qlora.main(["--base_model", str(base_dir), "--lora_path", str(adapter_dir), "--output_path", str(out),
-                           "--dtype", "fp32", "--verify_samples", "2"])
+    rc = merge_qlora.main(
+        [
+            "--base_model",
+            str(base_dir),
+            "--lora_path",
+            str(adapter_dir),
+            "--output_path",
+            str(out),
+            "--dtype",
+            "fp32",
+            "--verify_samples",
+            "2",
+        ]
+    )
     assert rc == 0
     return out
 
@@ -111,8 +123,17 @@ def test_merge_equals_adapter_and_writes_manifest(base_dir, adapter_dir, merged_
 
 def test_merge_errors_are_one_line(base_dir, adapter_dir, merged_dir, tmp_path, capsys):
     # output exists without --overwrite: usage error
-    rc = merge_qlora.main(["--base_model", str(base_dir), "--lora_path", str(adapter_dir),
-                           "--output_path", str(merged_dir), "--no-verify"])
+    rc = merge_qlora.main(
+        [
+            "--base_model",
+            str(base_dir),
+            "--lora_path",
+            str(adapter_dir),
+            "--output_path",
+            str(merged_dir),
+            "--no-verify",
+        ]
+    )
     err = _error(capsys.readouterr())
     assert rc == 2 and "output folder exists" in err and "--overwrite" in err
 
@@ -120,8 +141,9 @@ def test_merge_errors_are_one_line(base_dir, adapter_dir, merged_dir, tmp_path, 
     broken = tmp_path / "broken_adapter"
     shutil.copytree(adapter_dir, broken)
     (broken / "adapter_model.safetensors").unlink()
-    rc = merge_qlora.main(["--base_model", str(base_dir), "--lora_path", str(broken), "--output_path",
-                           str(tmp_path / "out1")])
+    rc = merge_qlora.main(
+        ["--base_model", str(base_dir), "--lora_path", str(broken), "--output_path", str(tmp_path / "out1")]
+    )
     err = _error(capsys.readouterr())
     assert rc == 2 and f"{broken}/adapter_model.safetensors: missing" in err
     assert not (tmp_path / "out1").exists()
@@ -135,8 +157,9 @@ def test_merge_errors_are_one_line(base_dir, adapter_dir, merged_dir, tmp_path, 
     key = next(k for k in tensors if "lora_A" in k)
     tensors[key] = torch.zeros(tensors[key].shape[0], tensors[key].shape[1] * 2)
     save_file(tensors, other / "adapter_model.safetensors")
-    rc = merge_qlora.main(["--base_model", str(base_dir), "--lora_path", str(other), "--output_path",
-                           str(tmp_path / "out2")])
+    rc = merge_qlora.main(
+        ["--base_model", str(base_dir), "--lora_path", str(other), "--output_path", str(tmp_path / "out2")]
+    )
     err = _error(capsys.readouterr())
     assert rc == 1 and err.startswith("error: adapter/base mismatch") and "size mismatch" in err
     assert not (tmp_path / "out2").exists() and not list(tmp_path.glob(".out2*"))
@@ -146,13 +169,23 @@ def test_merge_errors_are_one_line(base_dir, adapter_dir, merged_dir, tmp_path, 
 
 
 def test_config_fixes_are_noops_when_not_needed():
-    config = {"model_type": "gemma3", "mm_tokens_per_image": 256,
-              "text_config": {"hidden_size": 2560, "rope_parameters": {
-                  "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
-                  "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}}}
+    config = {
+        "model_type": "gemma3",
+        "mm_tokens_per_image": 256,
+        "text_config": {
+            "hidden_size": 2560,
+            "rope_parameters": {
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            },
+        },
+    }
     applied = export.apply_config_fixes(config)
-    assert [f["fix"] for f in applied] == ["fix_mm_tokens_in_text_config", "fix_top_level_hidden_size",
-                                           "fix_rope_parameters"]
+    assert [f["fix"] for f in applied] == [
+        "fix_mm_tokens_in_text_config",
+        "fix_top_level_hidden_size",
+        "fix_rope_parameters",
+    ]
     text = config["text_config"]
     assert text["rope_scaling"] == {"rope_type": "linear", "factor": 8.0}
     assert text["rope_local_base_freq"] == 10000.0 and text["rope_global_base_freq"] == 1000000.0
@@ -169,8 +202,20 @@ def mlx_fp32_dir(merged_dir) -> Path:
     config.pop("hidden_size", None)
     (source / "config.json").write_text(json.dumps(config, indent=2))
     out = merged_dir.parent / "mlx_fp32"
-    rc = convert_to_mlx.main(["--model_path", str(source), "--output_path", str(out), "--quantization_bits", "none",
-                              "--verify_samples", "6", "--logit_samples", "2"])
+    rc = convert_to_mlx.main(
+        [
+            "--model_path",
+            str(source),
+            "--output_path",
+            str(out),
+            "--quantization_bits",
+            "none",
+            "--verify_samples",
+            "6",
+            "--logit_samples",
+            "2",
+        ]
+    )
     assert rc == 0
     return out
 
@@ -178,8 +223,16 @@ def mlx_fp32_dir(merged_dir) -> Path:
 def test_fp32_export_matches_pytorch(mlx_fp32_dir, merged_dir):
     manifest = json.loads((mlx_fp32_dir / export.EXPORT_MANIFEST).read_text())
     applied = {f["fix"] for f in manifest["fixes_applied"]}
-    assert applied == set(export.MLX_FIXES) == {"fix_mm_tokens_in_text_config", "fix_top_level_hidden_size",
-                                                "fix_rope_parameters", "fix_vision_tower_prefix"}
+    assert (
+        applied
+        == set(export.MLX_FIXES)
+        == {
+            "fix_mm_tokens_in_text_config",
+            "fix_top_level_hidden_size",
+            "fix_rope_parameters",
+            "fix_vision_tower_prefix",
+        }
+    )
     config = json.loads((mlx_fp32_dir / "config.json").read_text())
     assert config["hidden_size"] == 128 and config["text_config"]["mm_tokens_per_image"] == 16
     assert config["text_config"]["rope_scaling"] == {"rope_type": "linear", "factor": 8.0}
@@ -191,7 +244,7 @@ def test_fp32_export_matches_pytorch(mlx_fp32_dir, merged_dir):
     v = manifest["verification"]
     assert v["passed"] and v["logits"]["max_abs_diff"] <= 1e-3
     # mlx-vlm's bf16 embedding normaliser is reproduced in the reference, and its effect reported
-    assert v["logits"]["embed_scale"] == {"exact": pytest.approx(128 ** 0.5), "mlx_vlm_bf16": 11.3125}
+    assert v["logits"]["embed_scale"] == {"exact": pytest.approx(128**0.5), "mlx_vlm_bf16": 11.3125}
     assert v["logits"]["max_abs_diff_vs_exact_pytorch"] > v["logits"]["max_abs_diff"]
     assert v["buttons"]["agreement_vs_pytorch_causal"] == 1.0
     assert 0.0 <= v["buttons"]["agreement_vs_pytorch_with_token_type_ids"] <= 1.0
@@ -228,14 +281,27 @@ def test_importing_mlx_backend_keeps_transformers_processor(mlx_fp32_dir, base_d
     import_mlx_vlm()
     processor = AutoProcessor.from_pretrained(str(base_dir))
     assert type(processor).__module__.startswith("transformers."), type(processor).__module__
-    assert "token_type_ids" in processor(text=["<start_of_image>"], images=[[export.fixed_samples(1)[0].frames[0]]],
-                                         return_tensors="pt")
+    assert "token_type_ids" in processor(
+        text=["<start_of_image>"], images=[[export.fixed_samples(1)[0].frames[0]]], return_tensors="pt"
+    )
 
 
 def test_4bit_export_generates_and_reports_agreement(merged_dir, capsys):
     out = merged_dir.parent / "mlx_4bit"
-    rc = convert_to_mlx.main(["--model_path", str(merged_dir), "--output_path", str(out), "--quantization_bits", "4",
-                              "--verify_samples", "8", "--logit_samples", "1"])
+    rc = convert_to_mlx.main(
+        [
+            "--model_path",
+            str(merged_dir),
+            "--output_path",
+            str(out),
+            "--quantization_bits",
+            "4",
+            "--verify_samples",
+            "8",
+            "--logit_samples",
+            "1",
+        ]
+    )
     captured = capsys.readouterr()
     manifest = json.loads((out / export.EXPORT_MANIFEST).read_text())
     buttons = manifest["verification"]["buttons"]

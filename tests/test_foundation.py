@@ -29,8 +29,10 @@ def test_precedence_cli_over_env_over_dotenv_over_default(tmp_path):
     assert (s2.batch_size, s2.learning_rate, s2.use_peft) == (7, 0.25, False)
 
 
-@pytest.mark.parametrize("line,name", [("BATCH_SIZE=two", "BATCH_SIZE"), ("USE_QLORA=maybe", "USE_QLORA"),
-                                       ("LR_SCHEDULER=sawtooth", "LR_SCHEDULER")])
+@pytest.mark.parametrize(
+    "line,name",
+    [("BATCH_SIZE=two", "BATCH_SIZE"), ("USE_QLORA=maybe", "USE_QLORA"), ("LR_SCHEDULER=sawtooth", "LR_SCHEDULER")],
+)
 def test_wrong_type_names_the_variable(tmp_path, line, name):
     env_file = tmp_path / ".env"
     env_file.write_text(line + "\n")
@@ -58,8 +60,12 @@ def test_secret_from_dotenv_never_in_logs_or_saved_config(tmp_path, capsys, monk
 
 def test_tiny_model_loads_through_auto_classes_and_runs_4_images(tmp_path):
     out = tmp_path / "tiny"
-    proc = subprocess.run([sys.executable, "scripts/make_tiny_model.py", "--output_dir", str(out)],
-                          cwd=REPO_ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "scripts/make_tiny_model.py", "--output_dir", str(out)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     size = sum(p.stat().st_size for p in out.iterdir())
     assert size < 5_000_000

@@ -38,11 +38,28 @@ def inputs(tiny_model_dir, tmp_path_factory):
 
 
 def pipeline(inputs, *extra, out=None):
-    argv = [sys.executable, SCRIPT, "--checkpoint", str(inputs["adapter"]), "--eval_dataset", str(inputs["data"]),
-            "--output_dir", str(out or inputs["out"]), "--registry_db", str(inputs["db"]), "--name", NAME,
-            "--mlx_bits", "none", "--mlx_verify_samples", "2", *extra]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=900, cwd=REPO_ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    argv = [
+        sys.executable,
+        SCRIPT,
+        "--checkpoint",
+        str(inputs["adapter"]),
+        "--eval_dataset",
+        str(inputs["data"]),
+        "--output_dir",
+        str(out or inputs["out"]),
+        "--registry_db",
+        str(inputs["db"]),
+        "--name",
+        NAME,
+        "--mlx_bits",
+        "none",
+        "--mlx_verify_samples",
+        "2",
+        *extra,
+    ]
+    return subprocess.run(
+        argv, capture_output=True, text=True, timeout=900, cwd=REPO_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
 
 
 def state(inputs) -> dict:
@@ -73,9 +90,18 @@ def test_gate_fail_resume_serve_promote_and_rerun_skips(inputs, tiny_model_dir, 
     # 2. A better production version exists: the gate stops again; that version stays untouched.
     better = tmp_path / "better_report.json"
     better.write_text(json.dumps({"accuracy": 1.0}))
-    reg = lambda *a: subprocess.run([sys.executable, REGISTRY, "--registry_db", str(inputs["db"]), *a],  # noqa: E731
-                                    capture_output=True, text=True, timeout=120)
-    assert reg("register", "--name", NAME, "--checkpoint", str(tiny_model_dir), "--metrics", str(better)).returncode == 0
+
+    def reg(*a):
+        return subprocess.run(
+            [sys.executable, REGISTRY, "--registry_db", str(inputs["db"]), *a],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    assert (
+        reg("register", "--name", NAME, "--checkpoint", str(tiny_model_dir), "--metrics", str(better)).returncode == 0
+    )
     assert reg("promote", NAME, "--version", "1", "--stage", "production").returncode == 0
     second = pipeline(inputs, "--min_accuracy", "0")
     assert second.returncode == 1
@@ -90,7 +116,9 @@ def test_gate_fail_resume_serve_promote_and_rerun_skips(inputs, tiny_model_dir, 
     assert third.returncode == 0, third.stderr + third.stdout
     st = state(inputs)
     assert st["stages"]["merge"]["ended_at"] == merged_at
-    assert all(st["stages"][s]["status"] == "done" for s in st["stages"]), {k: v["status"] for k, v in st["stages"].items()}
+    assert all(st["stages"][s]["status"] == "done" for s in st["stages"]), {
+        k: v["status"] for k, v in st["stages"].items()
+    }
     mlx_acc = json.loads((inputs["out"] / "eval" / "mlx" / "eval_report.json").read_text())["accuracy"]
     assert st["stages"]["evaluate_export"]["outputs"]["accuracy"] == mlx_acc
     assert (inputs["out"] / "mlx" / "export_manifest.json").is_file()
@@ -121,21 +149,68 @@ def test_gate_fail_resume_serve_promote_and_rerun_skips(inputs, tiny_model_dir, 
 
     # 5. The folder belongs to these inputs: another dataset is a usage error, not a silent mix.
     other = write_dataset(tmp_path / "other", 2, name="test.jsonl")
-    mixed = subprocess.run([sys.executable, SCRIPT, "--checkpoint", str(inputs["adapter"]), "--eval_dataset",
-                            str(other), "--output_dir", str(inputs["out"]), "--registry_db", str(inputs["db"]),
-                            "--name", NAME], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    mixed = subprocess.run(
+        [
+            sys.executable,
+            SCRIPT,
+            "--checkpoint",
+            str(inputs["adapter"]),
+            "--eval_dataset",
+            str(other),
+            "--output_dir",
+            str(inputs["out"]),
+            "--registry_db",
+            str(inputs["db"]),
+            "--name",
+            NAME,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO_ROOT,
+    )
     assert mixed.returncode == 2 and "eval_dataset differ" in mixed.stderr
 
 
 def test_usage_errors_are_one_line(tmp_path):
     data = write_dataset(tmp_path / "d", 1, name="test.jsonl")
-    out = subprocess.run([sys.executable, SCRIPT, "--checkpoint", str(tmp_path / "missing"), "--eval_dataset",
-                          str(data), "--output_dir", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and out.stderr.strip() == f"error: {tmp_path / 'missing'}: checkpoint folder not found " \
-        "(pass a trained run folder or merged model)"
+    out = subprocess.run(
+        [
+            sys.executable,
+            SCRIPT,
+            "--checkpoint",
+            str(tmp_path / "missing"),
+            "--eval_dataset",
+            str(data),
+            "--output_dir",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (
+        out.returncode == 2
+        and out.stderr.strip()
+        == f"error: {tmp_path / 'missing'}: checkpoint folder not found (pass a trained run folder or merged model)"
+    )
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")
-    out = subprocess.run([sys.executable, SCRIPT, "--checkpoint", str(tmp_path / "model"), "--eval_dataset", str(data),
-                          "--output_dir", str(tmp_path / "o"), "--skip_stages", "merge,exprot"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            SCRIPT,
+            "--checkpoint",
+            str(tmp_path / "model"),
+            "--eval_dataset",
+            str(data),
+            "--output_dir",
+            str(tmp_path / "o"),
+            "--skip_stages",
+            "merge,exprot",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2 and "unknown stage(s) exprot" in out.stderr and "Traceback" not in out.stderr

@@ -18,8 +18,14 @@ SECRET = "wandb_SECRET_abcdef0123456789"
 
 
 def cli(db, *args, env=None, cwd=None):
-    return subprocess.run([sys.executable, SCRIPT, "--registry_db", str(db), *args], capture_output=True,
-                          text=True, env=env, cwd=cwd, timeout=120)
+    return subprocess.run(
+        [sys.executable, SCRIPT, "--registry_db", str(db), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=120,
+    )
 
 
 def make_checkpoint(path, seed):
@@ -33,9 +39,26 @@ def make_checkpoint(path, seed):
 def test_eight_concurrent_processes_get_eight_distinct_versions(tmp_path):
     db = tmp_path / "reg.db"
     ckpts = [make_checkpoint(tmp_path / f"ck{i}", i) for i in range(8)]
-    procs = [subprocess.Popen([sys.executable, SCRIPT, "--registry_db", str(db), "register", "--name", "race",
-                               "--checkpoint", str(c), "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for c in ckpts]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                SCRIPT,
+                "--registry_db",
+                str(db),
+                "register",
+                "--name",
+                "race",
+                "--checkpoint",
+                str(c),
+                "--json",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for c in ckpts
+    ]
     outs = [p.communicate(timeout=180) for p in procs]
     assert [p.returncode for p in procs] == [0] * 8, [o[1] for o in outs]
     reported = sorted(json.loads(o[0])["version"] for o in outs)
@@ -80,11 +103,16 @@ def test_duplicate_weights_detected_reused_or_allowed(tmp_path):
     copy = shutil.copytree(ck, tmp_path / "copy")  # same bytes elsewhere is still the same model
     dup = cli(db, "register", "--name", "m", "--checkpoint", str(copy))
     assert dup.returncode == 1 and "already registered as m:v1" in dup.stderr and "Traceback" not in dup.stderr
-    reuse = json.loads(cli(db, "register", "--name", "m", "--checkpoint", str(copy), "--on_duplicate", "reuse",
-                           "--json").stdout)
+    reuse = json.loads(
+        cli(db, "register", "--name", "m", "--checkpoint", str(copy), "--on_duplicate", "reuse", "--json").stdout
+    )
     assert (reuse["version"], reuse["created"]) == (1, False)
-    assert json.loads(cli(db, "register", "--name", "m", "--checkpoint", str(copy), "--on_duplicate", "allow",
-                          "--json").stdout)["version"] == 2
+    assert (
+        json.loads(
+            cli(db, "register", "--name", "m", "--checkpoint", str(copy), "--on_duplicate", "allow", "--json").stdout
+        )["version"]
+        == 2
+    )
     # Another name may hold the same weights.
     assert cli(db, "register", "--name", "other", "--checkpoint", str(ck)).returncode == 0
 
@@ -92,7 +120,10 @@ def test_duplicate_weights_detected_reused_or_allowed(tmp_path):
 def test_promote_and_rollback_walk_back_through_production_history(tmp_path):
     db = tmp_path / "reg.db"
     for i in range(3):
-        assert cli(db, "register", "--name", "m", "--checkpoint", str(make_checkpoint(tmp_path / f"c{i}", i))).returncode == 0
+        assert (
+            cli(db, "register", "--name", "m", "--checkpoint", str(make_checkpoint(tmp_path / f"c{i}", i))).returncode
+            == 0
+        )
         assert cli(db, "promote", "m", "--version", str(i + 1), "--stage", "production").returncode == 0
 
     def stages():
@@ -153,11 +184,13 @@ def test_lineage_metrics_and_masked_training_config_from_a_real_adapter(tmp_path
     apply_lora(load_model(str(tiny_model_dir)), r=2, alpha=4).save_pretrained(run)
     data = tmp_path / "train.jsonl"
     data.write_text('{"x": 1}\n')
-    (run / "run_config.json").write_text(json.dumps({"dataset_path": str(data), "lora_r": 2,
-                                                     "wandb_api_key": SECRET}))
+    (run / "run_config.json").write_text(json.dumps({"dataset_path": str(data), "lora_r": 2, "wandb_api_key": SECRET}))
     report = tmp_path / "eval_report.json"
-    report.write_text(json.dumps({"accuracy": 0.625, "n": 16, "per_button": {"A": 0.5}, "model_name": "x",
-                                  "examples": [{"big": "list"}]}))
+    report.write_text(
+        json.dumps(
+            {"accuracy": 0.625, "n": 16, "per_button": {"A": 0.5}, "model_name": "x", "examples": [{"big": "list"}]}
+        )
+    )
     db = tmp_path / "reg.db"
     out = cli(db, "register", "--name", "m", "--checkpoint", str(run), "--metrics", str(report), "--tags", "run=t")
     assert out.returncode == 0, out.stderr
@@ -182,8 +215,14 @@ def test_wandb_artifact_offline_and_unreachable_server_never_loses_the_version(t
     out = cli(db, "register", "--name", "m", "--checkpoint", str(ck), "--wandb", env=env, cwd=tmp_path)
     assert out.returncode == 0 and "logged to W&B as model artifact m (offline)" in out.stdout, out.stderr
     assert list((tmp_path / "wandb").glob("offline-run-*"))
-    env = {**os.environ, "WANDB_MODE": "online", "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_INIT_TIMEOUT": "5",
-           "WANDB_API_KEY": "x" * 40, "WANDB_DIR": str(tmp_path)}
+    env = {
+        **os.environ,
+        "WANDB_MODE": "online",
+        "WANDB_BASE_URL": "http://127.0.0.1:9",
+        "WANDB_INIT_TIMEOUT": "5",
+        "WANDB_API_KEY": "x" * 40,
+        "WANDB_DIR": str(tmp_path),
+    }
     ck2 = make_checkpoint(tmp_path / "ck2", 1)
     out = cli(db, "register", "--name", "m", "--checkpoint", str(ck2), "--wandb", env=env, cwd=tmp_path)
     assert out.returncode == 0 and "registered m:v2" in out.stdout and "W&B logging skipped" in out.stderr

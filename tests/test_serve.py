@@ -45,8 +45,11 @@ def client(url: str, key: str | None = None) -> httpx.Client:
 def server(tiny_model_dir, tmp_path_factory):
     # cwd is an empty folder: a developer's .env must not change the server under test.
     cwd = tmp_path_factory.mktemp("server")
-    with ServerProcess(["--model_path", str(tiny_model_dir), "--max_body_mb", "1", "--max_queue", "4"],
-                       log_path=cwd / "server.log", cwd=cwd) as srv:
+    with ServerProcess(
+        ["--model_path", str(tiny_model_dir), "--max_body_mb", "1", "--max_queue", "4"],
+        log_path=cwd / "server.log",
+        cwd=cwd,
+    ) as srv:
         yield srv
 
 
@@ -66,8 +69,10 @@ def test_predict_score_and_generate(server):
         assert r.status_code == 200, r.text
         assert_valid_prediction(r.json())
         # JPEG frames and data URLs are accepted too
-        jpeg = [data_url(encode_image(Image.new("RGB", (160, 144), (i * 50, 10, 10)), "JPEG"), "image/jpeg")
-                for i in range(4)]
+        jpeg = [
+            data_url(encode_image(Image.new("RGB", (160, 144), (i * 50, 10, 10)), "JPEG"), "image/jpeg")
+            for i in range(4)
+        ]
         assert_valid_prediction(c.post("/v1/predict", json=predict_payload(jpeg)).json())
         r = c.post("/v1/predict", json={**predict_payload(FRAMES[:4], mode="generate"), "max_new_tokens": 8})
         body = r.json()
@@ -99,8 +104,12 @@ BAD_REQUESTS = [
     ("frames not a list", {"frames": "abc"}, 422, "expected a list"),
     ("frame not a string", {"frames": [1, 2, 3, 4]}, 422, "frames[0]: expected a base64"),
     ("not base64", {"frames": ["@@@@"] + FRAMES[:3]}, 422, "frames[0]: not valid base64"),
-    ("undecodable image", {"frames": FRAMES[:3] + [base64.b64encode(b"not an image").decode()]}, 422,
-     "frames[3]: undecodable image"),
+    (
+        "undecodable image",
+        {"frames": FRAMES[:3] + [base64.b64encode(b"not an image").decode()]},
+        422,
+        "frames[3]: undecodable image",
+    ),
     ("truncated PNG", {"frames": [FRAMES[0][:200]] + FRAMES[:3]}, 422, "frames[0]: undecodable image"),
     ("GIF", {"frames": [_gif()] + FRAMES[:3]}, 422, "only PNG and JPEG"),
     ("huge image", {"frames": [_png_of_size(5000, 4000)] + FRAMES[:3]}, 422, "too large"),
@@ -137,9 +146,13 @@ def test_every_bad_input_gets_its_4xx_and_the_server_keeps_answering(server):
 
 def test_chat_completions_openai_shape(server):
     images = [{"type": "image_url", "image_url": {"url": data_url(f)}} for f in FRAMES[:4]]
-    body = {"model": "pokemon-gemma", "messages": [
-        {"role": "system", "content": "Goal: talk to the villager."},
-        {"role": "user", "content": [*images, {"type": "text", "text": "Which button next?"}]}]}
+    body = {
+        "model": "pokemon-gemma",
+        "messages": [
+            {"role": "system", "content": "Goal: talk to the villager."},
+            {"role": "user", "content": [*images, {"type": "text", "text": "Which button next?"}]},
+        ],
+    }
     with client(server.url) as c:
         r = c.post("/v1/chat/completions", json=body)
         assert r.status_code == 200, r.text
@@ -147,8 +160,15 @@ def test_chat_completions_openai_shape(server):
         assert out["object"] == "chat.completion" and out["choices"][0]["message"]["role"] == "assistant"
         answer = json.loads(out["choices"][0]["message"]["content"])
         assert answer["button"] == out["button"] in BUTTONS
-        remote = {**body, "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "http://example.com/x.png"}}] * 4}]}
+        remote = {
+            **body,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "image_url", "image_url": {"url": "http://example.com/x.png"}}] * 4,
+                }
+            ],
+        }
         r = c.post("/v1/chat/completions", json=remote)
         assert r.status_code == 422 and "only data: URLs" in r.json()["error"]["message"]
         r = c.post("/v1/chat/completions", json={**body, "messages": [body["messages"][1] | {"content": images[:2]}]})
@@ -169,7 +189,11 @@ def test_metrics_counters_move(server):
     assert metric(after, **err) - metric(before, **err) == 1
     lat = dict(name="pokemon_request_latency_seconds_count", endpoint="/v1/predict")
     assert metric(after, **lat) - metric(before, **lat) == 3
-    assert metric(after, "pokemon_predictions_total", mode="score") - metric(before, "pokemon_predictions_total", mode="score") == 2
+    assert (
+        metric(after, "pokemon_predictions_total", mode="score")
+        - metric(before, "pokemon_predictions_total", mode="score")
+        == 2
+    )
     assert metric(after, "pokemon_ready") == 1
     assert metric(after, "pokemon_model_info", backend="torch") == 1
 
@@ -177,9 +201,10 @@ def test_metrics_counters_move(server):
 def test_session_stream_reuses_frame_features(server):
     with client(server.url) as c:
         before = c.get("/metrics").text
-        stream = [c.post("/v1/predict", json=predict_payload(FRAMES[i:i + 4], session_id="run-1")).json()
-                  for i in range(5)]
-        fresh = [c.post("/v1/predict", json=predict_payload(FRAMES[i:i + 4])).json() for i in range(5)]
+        stream = [
+            c.post("/v1/predict", json=predict_payload(FRAMES[i : i + 4], session_id="run-1")).json() for i in range(5)
+        ]
+        fresh = [c.post("/v1/predict", json=predict_payload(FRAMES[i : i + 4])).json() for i in range(5)]
         after = c.get("/metrics").text
     assert [r["cache"] for r in stream] == [{"hits": 0, "frames_encoded": 4}] + [{"hits": 3, "frames_encoded": 1}] * 4
     assert all(r["cache"] == {"hits": 0, "frames_encoded": 4} for r in fresh)
@@ -189,7 +214,9 @@ def test_session_stream_reuses_frame_features(server):
         assert all(math.isclose(s["probabilities"][b], f["probabilities"][b], abs_tol=1e-5) for b in BUTTONS)
     assert metric(after, "pokemon_frame_cache_hits_total") - metric(before, "pokemon_frame_cache_hits_total") == 12
     assert metric(after, "pokemon_frame_cache_misses_total") - metric(before, "pokemon_frame_cache_misses_total") == 8
-    encoded = metric(after, "pokemon_vision_frames_encoded_total") - metric(before, "pokemon_vision_frames_encoded_total")
+    encoded = metric(after, "pokemon_vision_frames_encoded_total") - metric(
+        before, "pokemon_vision_frames_encoded_total"
+    )
     assert encoded == 8 + 20
 
 
@@ -227,8 +254,17 @@ class _Webhook(BaseHTTPRequestHandler):
 
 
 def run_monitor_cli(url: str, out, *extra, env=None):
-    cmd = [sys.executable, str(REPO_ROOT / "scripts" / "health_monitor.py"), "--server_url", url,
-           "--interval", "0.2", "--output", str(out), *extra]
+    cmd = [
+        sys.executable,
+        str(REPO_ROOT / "scripts" / "health_monitor.py"),
+        "--server_url",
+        url,
+        "--interval",
+        "0.2",
+        "--output",
+        str(out),
+        *extra,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=REPO_ROOT)
 
 
@@ -236,8 +272,12 @@ def test_auth_monitor_graceful_shutdown_then_down(tiny_model_dir, tmp_path):
     import os
 
     env = {**os.environ, "SERVE_TEST_KEY": API_KEY}
-    srv = ServerProcess(["--model_path", str(tiny_model_dir), "--api_key_env", "SERVE_TEST_KEY"],
-                        log_path=tmp_path / "server.log", env=env, cwd=tmp_path)
+    srv = ServerProcess(
+        ["--model_path", str(tiny_model_dir), "--api_key_env", "SERVE_TEST_KEY"],
+        log_path=tmp_path / "server.log",
+        env=env,
+        cwd=tmp_path,
+    )
     try:
         # started while the server is still loading: --wait_ready holds the checks until /ready says 200
         out = tmp_path / "status.jsonl"
@@ -245,8 +285,19 @@ def test_auth_monitor_graceful_shutdown_then_down(tiny_model_dir, tmp_path):
         probe.mkdir()
         for i in range(4):
             (probe / f"{i:02d}.png").write_bytes(base64.b64decode(FRAMES[i]))
-        done = run_monitor_cli(srv.url, out, "--max_checks", "2", "--api_key_env", "SERVE_TEST_KEY",
-                               "--wait_ready", "120", "--probe_frames", str(probe), env=env)
+        done = run_monitor_cli(
+            srv.url,
+            out,
+            "--max_checks",
+            "2",
+            "--api_key_env",
+            "SERVE_TEST_KEY",
+            "--wait_ready",
+            "120",
+            "--probe_frames",
+            str(probe),
+            env=env,
+        )
         assert done.returncode == 0, done.stdout + done.stderr
         rows = [json.loads(line) for line in out.read_text().splitlines()]
         assert [r["status"] for r in rows] == ["healthy", "healthy"] and "HEALTHY" in done.stdout
@@ -268,8 +319,17 @@ def test_auth_monitor_graceful_shutdown_then_down(tiny_model_dir, tmp_path):
         no_key = run_monitor_cli(srv.url, tmp_path / "nokey.jsonl", "--max_checks", "1", env=env)
         assert no_key.returncode == 1 and "/metrics 401" in no_key.stdout and "HTTP 401" in no_key.stdout
         # an impossible latency threshold makes the same server "slow"
-        slow = run_monitor_cli(srv.url, tmp_path / "slow.jsonl", "--max_checks", "1", "--api_key_env",
-                               "SERVE_TEST_KEY", "--latency_threshold_ms", "0.001", env=env)
+        slow = run_monitor_cli(
+            srv.url,
+            tmp_path / "slow.jsonl",
+            "--max_checks",
+            "1",
+            "--api_key_env",
+            "SERVE_TEST_KEY",
+            "--latency_threshold_ms",
+            "0.001",
+            env=env,
+        )
         assert slow.returncode == 1 and "slow: predict took" in slow.stdout
 
         # SIGTERM while generations are in flight: every one of them still gets its answer
@@ -292,8 +352,9 @@ def test_auth_monitor_graceful_shutdown_then_down(tiny_model_dir, tmp_path):
     hook = HTTPServer(("127.0.0.1", 0), _Webhook)
     threading.Thread(target=hook.serve_forever, daemon=True).start()
     try:
-        down = run_monitor_cli(srv.url, out, "--max_checks", "2", "--alert_webhook",
-                               f"http://127.0.0.1:{hook.server_port}/alert", env=env)
+        down = run_monitor_cli(
+            srv.url, out, "--max_checks", "2", "--alert_webhook", f"http://127.0.0.1:{hook.server_port}/alert", env=env
+        )
     finally:
         hook.shutdown()
     assert down.returncode == 1
@@ -318,22 +379,46 @@ def test_error_rate_from_metric_deltas(server):
 
 def test_server_cli_errors(tmp_path):
     script = str(REPO_ROOT / "scripts" / "inference_server.py")
-    r = subprocess.run([sys.executable, script, "--model_path", str(tmp_path / "missing")],
-                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    r = subprocess.run(
+        [sys.executable, script, "--model_path", str(tmp_path / "missing")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: cannot load")
     assert "Traceback" not in r.stderr
-    r = subprocess.run([sys.executable, script, "--api_key_env", "NO_SUCH_VAR_SET"], capture_output=True, text=True,
-                       timeout=120, cwd=tmp_path)
+    r = subprocess.run(
+        [sys.executable, script, "--api_key_env", "NO_SUCH_VAR_SET"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert r.returncode == 2 and "NO_SUCH_VAR_SET is unset or empty" in r.stderr
-    mon = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "health_monitor.py"), "--server_url",
-                          "127.0.0.1:8000"], capture_output=True, text=True, timeout=60)
+    mon = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "health_monitor.py"), "--server_url", "127.0.0.1:8000"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert mon.returncode == 2 and "must start with http://" in mon.stderr
     (tmp_path / "two").mkdir()
     for i in range(2):
         Image.new("RGB", (8, 8)).save(tmp_path / "two" / f"{i}.png")
-    mon = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "health_monitor.py"), "--server_url",
-                          "http://127.0.0.1:9", "--probe_frames", str(tmp_path / "two")],
-                         capture_output=True, text=True, timeout=60)
+    mon = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "scripts" / "health_monitor.py"),
+            "--server_url",
+            "http://127.0.0.1:9",
+            "--probe_frames",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert mon.returncode == 2 and mon.stderr.strip() == f"error: {tmp_path / 'two'}: 2 PNG/JPEG files, need 4"
 
 
@@ -348,15 +433,27 @@ def test_mlx_backend_server(tiny_model_dir, tmp_path):
     mlx_dir = tmp_path / "mlx"
     export_mlx(tiny_model_dir, mlx_dir, quantization_bits=None, verify=False)
     env = {**os.environ, "MODEL_PATH": str(mlx_dir)}
-    with ServerProcess([], log_path=tmp_path / "mlx.log", env=env, cwd=tmp_path,
-                       script=ROOT / "scripts" / "mlx_inference_server.py") as srv, client(srv.url) as c:
+    with (
+        ServerProcess(
+            [],
+            log_path=tmp_path / "mlx.log",
+            env=env,
+            cwd=tmp_path,
+            script=ROOT / "scripts" / "mlx_inference_server.py",
+        ) as srv,
+        client(srv.url) as c,
+    ):
         assert c.get("/ready").json()["backend"] == "mlx"
-        stream = [c.post("/v1/predict", json=predict_payload(FRAMES[i:i + 4], session_id="m")).json() for i in range(3)]
+        stream = [
+            c.post("/v1/predict", json=predict_payload(FRAMES[i : i + 4], session_id="m")).json() for i in range(3)
+        ]
         for body in stream:
             assert_valid_prediction(body, version_prefix="mlx-")
         assert [r["cache"]["hits"] for r in stream] == [0, 3, 3]
         fresh = c.post("/v1/predict", json=predict_payload(FRAMES[2:6])).json()
-        assert all(math.isclose(stream[2]["probabilities"][b], fresh["probabilities"][b], abs_tol=1e-5) for b in BUTTONS)
+        assert all(
+            math.isclose(stream[2]["probabilities"][b], fresh["probabilities"][b], abs_tol=1e-5) for b in BUTTONS
+        )
         r = c.post("/v1/predict", json={"frames": FRAMES[:4], "mode": "beam"})
         assert r.status_code == 422 and c.get("/health").status_code == 200
     assert "Traceback" not in srv.log()

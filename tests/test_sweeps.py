@@ -15,8 +15,9 @@ CONFIG = REPO_ROOT / "wandb_config.yaml"
 
 def setup_cli(*args, env=None):
     env = {k: v for k, v in (env or os.environ).items() if k != "WANDB_API_KEY"}
-    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, env=env, timeout=120,
-                          cwd=REPO_ROOT)
+    return subprocess.run(
+        [sys.executable, SCRIPT, *args], capture_output=True, text=True, env=env, timeout=120, cwd=REPO_ROOT
+    )
 
 
 def test_repo_sweep_is_valid_and_every_value_parses_with_the_training_cli():
@@ -25,8 +26,9 @@ def test_repo_sweep_is_valid_and_every_value_parses_with_the_training_cli():
     cfg = sweep.config
     assert cfg["program"] == "scripts/sft_pokemon_gemma3.py"
     assert cfg["metric"] == {"name": "eval/accuracy", "goal": "maximize"}
-    assert {"learning_rate", "lora_r", "lora_alpha", "batch_size", "grad_accum", "warmup_ratio",
-            "frame_layout"} <= set(cfg["parameters"])
+    assert {"learning_rate", "lora_r", "lora_alpha", "batch_size", "grad_accum", "warmup_ratio", "frame_layout"} <= set(
+        cfg["parameters"]
+    )
     # What `wandb agent` would pass (--name=value) is accepted by the real parser with the right type.
     parser = training_parser()
     for name, spec in cfg["parameters"].items():
@@ -55,18 +57,33 @@ def plant(tmp_path, old, new):
     return bad
 
 
-@pytest.mark.parametrize("old,new,expected,line_has", [
-    ("  lora_r:", "  lora_rank:", "'lora_rank' is not a flag of scripts/sft_pokemon_gemma3.py", "lora_rank:"),
-    ("values: [1, 2]", "values: [1, 2.5]", "value 2.5 is not a valid int for --batch_size", "batch_size:"),
-    ("values: [images, grid]", "values: [images, mosaic]", "'mosaic' is not one of --frame_layout's choices",
-     "frame_layout:"),
-    ("min: 1.0e-5", "min: 1e-5", "min/max must be numbers", "learning_rate:"),
-    ("  lora_alpha:\n    values: [16, 32, 64]", "  lora_alpha:\n    min: 8\n    max: 64\n    distribution: uniform",
-     "samples floats but --lora_alpha takes int", "lora_alpha:"),
-    ("  frame_layout:", "  use_qlora:\n    values: [true, false]\n  frame_layout:", "--use_qlora is a switch",
-     "use_qlora:"),
-    ("name: eval/accuracy", "name: eval/acc", "metric must be name: eval/accuracy", "metric:"),
-])
+@pytest.mark.parametrize(
+    "old,new,expected,line_has",
+    [
+        ("  lora_r:", "  lora_rank:", "'lora_rank' is not a flag of scripts/sft_pokemon_gemma3.py", "lora_rank:"),
+        ("values: [1, 2]", "values: [1, 2.5]", "value 2.5 is not a valid int for --batch_size", "batch_size:"),
+        (
+            "values: [images, grid]",
+            "values: [images, mosaic]",
+            "'mosaic' is not one of --frame_layout's choices",
+            "frame_layout:",
+        ),
+        ("min: 1.0e-5", "min: 1e-5", "min/max must be numbers", "learning_rate:"),
+        (
+            "  lora_alpha:\n    values: [16, 32, 64]",
+            "  lora_alpha:\n    min: 8\n    max: 64\n    distribution: uniform",
+            "samples floats but --lora_alpha takes int",
+            "lora_alpha:",
+        ),
+        (
+            "  frame_layout:",
+            "  use_qlora:\n    values: [true, false]\n  frame_layout:",
+            "--use_qlora is a switch",
+            "use_qlora:",
+        ),
+        ("name: eval/accuracy", "name: eval/acc", "metric must be name: eval/accuracy", "metric:"),
+    ],
+)
 def test_validate_fails_on_planted_mistakes_naming_file_and_line(tmp_path, parser, old, new, expected, line_has):
     bad = plant(tmp_path, old, new)
     errors = validate_sweep(load_sweep(bad), parser)
@@ -78,10 +95,15 @@ def test_validate_fails_on_planted_mistakes_naming_file_and_line(tmp_path, parse
 
 
 def test_validate_cli_fails_on_unknown_parameter_and_wrong_type(tmp_path):
-    bad = plant(tmp_path, "  lora_r:\n    values: [8, 16, 32]", "  lora_rank:\n    values: [8]\n  lora_r:\n    values: [8, 1.5]")
+    bad = plant(
+        tmp_path, "  lora_r:\n    values: [8, 16, 32]", "  lora_rank:\n    values: [8]\n  lora_r:\n    values: [8, 1.5]"
+    )
     out = setup_cli("--validate", "--config", str(bad))
     assert out.returncode == 1 and out.stdout == ""
-    assert "parameter 'lora_rank' is not a flag" in out.stderr and "value 1.5 is not a valid int for --lora_r" in out.stderr
+    assert (
+        "parameter 'lora_rank' is not a flag" in out.stderr
+        and "value 1.5 is not a valid int for --lora_r" in out.stderr
+    )
     assert "2 problem(s)" in out.stderr and "Traceback" not in out.stderr
 
 
@@ -90,7 +112,8 @@ def test_create_sweep_without_key_is_one_clear_line_and_dry_run_needs_none():
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
         "error: --create-sweep needs WANDB_API_KEY in .env or the environment "
-        "(https://wandb.ai/authorize; --dry_run shows the sweep without it)"]
+        "(https://wandb.ai/authorize; --dry_run shows the sweep without it)"
+    ]
     dry = setup_cli("--create-sweep", "--dry_run", "--wandb_project", "pg-test", "--wandb_entity", "team")
     assert dry.returncode == 0
     assert '"program": "scripts/sft_pokemon_gemma3.py"' in dry.stdout

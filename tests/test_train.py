@@ -34,9 +34,31 @@ def processor(tiny_model_dir):
 
 
 def train_cmd(model, train, val, out, *extra):
-    return [sys.executable, "scripts/sft_pokemon_gemma3.py", "--model_name", str(model), "--dataset_path", str(train),
-            "--eval_dataset_path", str(val), "--output_dir", str(out), "--batch_size", "2", "--grad_accum", "2",
-            "--learning_rate", "1e-3", "--logging_steps", "1", "--eval_steps", "0", "--seed", "7", *extra]
+    return [
+        sys.executable,
+        "scripts/sft_pokemon_gemma3.py",
+        "--model_name",
+        str(model),
+        "--dataset_path",
+        str(train),
+        "--eval_dataset_path",
+        str(val),
+        "--output_dir",
+        str(out),
+        "--batch_size",
+        "2",
+        "--grad_accum",
+        "2",
+        "--learning_rate",
+        "1e-3",
+        "--logging_steps",
+        "1",
+        "--eval_steps",
+        "0",
+        "--seed",
+        "7",
+        *extra,
+    ]
 
 
 def test_labels_are_exactly_the_answer_and_end_of_turn(processor, data):
@@ -53,8 +75,13 @@ def test_labels_are_exactly_the_answer_and_end_of_turn(processor, data):
 
 def test_overlong_sample_is_shortened_then_rejected_never_zero_labels(processor, data):
     base = load_records(data[0])[0]
-    long = Record(base.frames, "Goal: reach the door. " + "very long context " * 200, QUESTION, base.output,
-                  {"session_id": "long", "turns": [1, 2, 3, 4]})
+    long = Record(
+        base.frames,
+        "Goal: reach the door. " + "very long context " * 200,
+        QUESTION,
+        base.output,
+        {"session_id": "long", "turns": [1, 2, 3, 4]},
+    )
     full_length = Collator(processor).sample_length(long)
     limit = full_length - 300
     sample = Collator(processor, max_seq_length=limit).encode(long)
@@ -67,9 +94,14 @@ def test_overlong_sample_is_shortened_then_rejected_never_zero_labels(processor,
 
 def test_training_rejects_overlong_samples_by_id(tiny_model_dir, tmp_path, processor):
     train = write_dataset(tmp_path, 8, seed=2)
-    proc = subprocess.run(train_cmd(tiny_model_dir, train, "", tmp_path / "run", "--max_steps", "1",
-                                    "--max_seq_length", "40"),
-                          cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        train_cmd(tiny_model_dir, train, "", tmp_path / "run", "--max_steps", "1", "--max_seq_length", "40"),
+        cwd=REPO_ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 1
     assert "rejected train sample: s0:0,1,2,3" in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: train: no sample fits --max_seq_length 40")
@@ -77,12 +109,27 @@ def test_training_rejects_overlong_samples_by_id(tiny_model_dir, tmp_path, proce
 
 
 def _grads(tiny_model_dir, dataset, batch, accum, out, processes=1):
-    probe = [str(REPO_ROOT / "tests/grad_probe.py"), str(tiny_model_dir), str(dataset), str(batch), str(accum), str(out)]
+    probe = [
+        str(REPO_ROOT / "tests/grad_probe.py"),
+        str(tiny_model_dir),
+        str(dataset),
+        str(batch),
+        str(accum),
+        str(out),
+    ]
     if processes == 1:
         cmd = [sys.executable, *probe]
     else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu.yaml",
-               "--num_processes", str(processes), *probe]
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            "accelerate_configs/cpu.yaml",
+            "--num_processes",
+            str(processes),
+            *probe,
+        ]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return torch.load(out)
@@ -113,13 +160,24 @@ def _adapter(path):
 def test_sigkill_then_resume_ends_with_identical_adapter(tiny_model_dir, data, tmp_path):
     train, val = data
     extra = ["--max_steps", "8", "--save_steps", "2", "--lora_dropout", "0.1", "--batch_size", "3"]
-    ref = subprocess.run(train_cmd(tiny_model_dir, train, val, tmp_path / "ref", *extra), cwd=REPO_ROOT, env=ENV,
-                         capture_output=True, text=True, timeout=600)
+    ref = subprocess.run(
+        train_cmd(tiny_model_dir, train, val, tmp_path / "ref", *extra),
+        cwd=REPO_ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert ref.returncode == 0, ref.stderr[-2000:]
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen(train_cmd(tiny_model_dir, train, val, out, *extra), cwd=REPO_ROOT, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        train_cmd(tiny_model_dir, train, val, out, *extra),
+        cwd=REPO_ROOT,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while not (out / "checkpoint-2" / "trainer_state.json").exists():
         assert proc.poll() is None and time.time() < deadline
@@ -129,8 +187,14 @@ def test_sigkill_then_resume_ends_with_identical_adapter(tiny_model_dir, data, t
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "adapter_model.safetensors").exists(), "run finished before it was killed"
 
-    resumed = subprocess.run(train_cmd(tiny_model_dir, train, val, out, *extra, "--resume_from_checkpoint", "latest"),
-                             cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        train_cmd(tiny_model_dir, train, val, out, *extra, "--resume_from_checkpoint", "latest"),
+        cwd=REPO_ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stderr
     a, b = _adapter(tmp_path / "ref"), _adapter(out)
@@ -143,8 +207,14 @@ def test_sigkill_then_resume_ends_with_identical_adapter(tiny_model_dir, data, t
 def test_sigterm_saves_checkpoint_and_exits_zero(tiny_model_dir, data, tmp_path):
     train, val = data
     out = tmp_path / "term"
-    proc = subprocess.Popen(train_cmd(tiny_model_dir, train, val, out, "--max_steps", "400", "--save_steps", "0"),
-                            cwd=REPO_ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        train_cmd(tiny_model_dir, train, val, out, "--max_steps", "400", "--save_steps", "0"),
+        cwd=REPO_ROOT,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 300
     while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().strip():
         assert proc.poll() is None and time.time() < deadline
@@ -160,9 +230,29 @@ def test_sigterm_saves_checkpoint_and_exits_zero(tiny_model_dir, data, tmp_path)
 def test_two_process_cpu_run_completes_with_outputs(tiny_model_dir, data, tmp_path):
     train, val = data
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu.yaml",
-           "--num_processes", "2", *train_cmd(tiny_model_dir, train, val, out, "--max_steps", "3", "--batch_size", "1",
-                                              "--eval_steps", "3", "--save_steps", "3")[1:]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        "accelerate_configs/cpu.yaml",
+        "--num_processes",
+        "2",
+        *train_cmd(
+            tiny_model_dir,
+            train,
+            val,
+            out,
+            "--max_steps",
+            "3",
+            "--batch_size",
+            "1",
+            "--eval_steps",
+            "3",
+            "--save_steps",
+            "3",
+        )[1:],
+    ]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "run_config.json").read_text())["world_size"] == 2

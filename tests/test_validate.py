@@ -36,8 +36,17 @@ def good_dataset(folder):
 
 def run(capsys, tmp_path, *args):
     out = tmp_path / "report.json"
-    code = script.main([*map(str, args), "--env_file", str(tmp_path / "none.env"), "--output", str(out),
-                        "--output_dir", str(tmp_path / "run")])
+    code = script.main(
+        [
+            *map(str, args),
+            "--env_file",
+            str(tmp_path / "none.env"),
+            "--output",
+            str(out),
+            "--output_dir",
+            str(tmp_path / "run"),
+        ]
+    )
     captured = capsys.readouterr()
     return code, captured.out, captured.err, json.loads(out.read_text())
 
@@ -58,15 +67,19 @@ def test_good_dataset_passes(tiny_model_dir, tmp_path, capsys, monkeypatch):
     tokens = report["tokens"]
     assert tokens["image_tokens_per_sample"] == 4 * 16 and tokens["rejected"] == 0
     assert 4 * 16 < tokens["p95"] <= tokens["max"] <= 2048
-    assert report["sessions"]["overlaps"] == {} and report["frames"] == {"distinct": 64, "bad": 0,
-                                                                          "sizes": {"240x160": 64}}
+    assert report["sessions"]["overlaps"] == {} and report["frames"] == {
+        "distinct": 64,
+        "bad": 0,
+        "sizes": {"240x160": 64},
+    }
     assert sum(report["label_distribution"]["train"].values()) == 12
     assert report["environment"]["hub_token"] == "not set" and not report["environment"]["gated_model"]
     assert "OK: 0 error(s)" in out
     assert (tmp_path / "report.png").read_bytes()[:4] == b"\x89PNG"
     # --frame_layout grid: one image per sample, a quarter of the image tokens.
-    code, _, _, grid = run(capsys, tmp_path, "--dataset_path", train, "--model_name", tiny_model_dir,
-                           "--frame_layout", "grid")
+    code, _, _, grid = run(
+        capsys, tmp_path, "--dataset_path", train, "--model_name", tiny_model_dir, "--frame_layout", "grid"
+    )
     assert code == 0 and grid["tokens"]["image_tokens_per_sample"] == 16
 
 
@@ -88,8 +101,10 @@ def _three_frames(train, val):
 
 
 def _invalid_button(train, val):
-    edit_lines(train, lambda rows: [{**r, "output": json.dumps({"button": "jump"})} if i == 2 else r
-                                    for i, r in enumerate(rows)])
+    edit_lines(
+        train,
+        lambda rows: [{**r, "output": json.dumps({"button": "jump"})} if i == 2 else r for i, r in enumerate(rows)],
+    )
     return [f"{train}:3: output: output has no valid button (got 'jump')"]
 
 
@@ -100,8 +115,12 @@ def _over_long(train, val):
 
 
 def _session_overlap(train, val):
-    edit_lines(val, lambda rows: [{**r, "metadata": {**r["metadata"], "session_id": "s1"}} if i == 0 else r
-                                  for i, r in enumerate(rows)])
+    edit_lines(
+        val,
+        lambda rows: [
+            {**r, "metadata": {**r["metadata"], "session_id": "s1"}} if i == 0 else r for i, r in enumerate(rows)
+        ],
+    )
     return ["train/val: 1 session(s) in both splits: s1"]
 
 
@@ -118,14 +137,26 @@ def _bad_json(train, val):
     return [f"{train}:3: invalid JSON"]
 
 
-@pytest.mark.parametrize("make_problem", [_missing_frame, _corrupt_frame, _three_frames, _invalid_button, _over_long,
-                                          _session_overlap, _duplicate_window, _bad_json],
-                         ids=lambda f: f.__name__.strip("_"))
+@pytest.mark.parametrize(
+    "make_problem",
+    [
+        _missing_frame,
+        _corrupt_frame,
+        _three_frames,
+        _invalid_button,
+        _over_long,
+        _session_overlap,
+        _duplicate_window,
+        _bad_json,
+    ],
+    ids=lambda f: f.__name__.strip("_"),
+)
 def test_each_problem_is_named_and_fails(make_problem, tiny_model_dir, tmp_path, capsys):
     train, val = good_dataset(tmp_path / "data")
     expected = make_problem(train, val)
-    code, out, err, report = run(capsys, tmp_path, "--dataset_path", train, "--model_name", tiny_model_dir,
-                                 "--max_seq_length", 1024)
+    code, out, err, report = run(
+        capsys, tmp_path, "--dataset_path", train, "--model_name", tiny_model_dir, "--max_seq_length", 1024
+    )
     assert code == 1
     error_lines = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(error_lines) == 1, err  # exactly this problem, nothing else

@@ -24,7 +24,7 @@ from ..scoring import parse_generated
 from .backends import Backend, probabilities
 from .frame_cache import FrameCache
 from .metrics import ServerMetrics
-from .validation import RequestError, Frame, InferenceRequest, parse_chat, parse_json, parse_predict
+from .validation import Frame, InferenceRequest, RequestError, parse_chat, parse_json, parse_predict
 from .worker import InferenceWorker, Result
 
 log = logging.getLogger(__name__)
@@ -117,13 +117,16 @@ def create_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
         await asyncio.to_thread(worker.stop)
         log.info("model worker stopped")
 
-    app = FastAPI(title="pokemon-gemma inference server", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+    app = FastAPI(
+        title="pokemon-gemma inference server", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    )
     app.state.metrics, app.state.cache, app.state.backend = metrics, cache, backend
 
     @app.exception_handler(RequestError)
     async def bad_request(request: Request, exc: RequestError):
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {"Retry-After": "1"} if exc.status == 503 else None
+        headers = (
+            {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {"Retry-After": "1"} if exc.status == 503 else None
+        )
         return error_response(exc.status, exc.message, headers)
 
     @app.exception_handler(StarletteHTTPException)
@@ -140,8 +143,9 @@ def create_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
         if config.api_key and request.url.path in PROTECTED:
             scheme, _, token = request.headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not token:
-                return error_response(401, "missing API key (send Authorization: Bearer <key>)",
-                                      {"WWW-Authenticate": "Bearer"})
+                return error_response(
+                    401, "missing API key (send Authorization: Bearer <key>)", {"WWW-Authenticate": "Bearer"}
+                )
             if not hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
                 return error_response(401, "invalid API key", {"WWW-Authenticate": "Bearer"})
         return await call_next(request)
@@ -170,7 +174,7 @@ def create_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
         try:
             # shield: a timed-out request's job still runs to completion on the worker
             return await asyncio.wait_for(asyncio.shield(worker.submit(req)), config.request_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise RequestError(504, f"model call took longer than {config.request_timeout_s:.0f} s") from None
         finally:
             state["pending"] -= 1
@@ -181,17 +185,24 @@ def create_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
         start = time.perf_counter()
         req = parse_predict(await read_json(request))
         result = await infer(req)
-        body = {"button": None, "probabilities": None, "output": None, "mode": req.mode,
-                "model_version": backend.model_version, "session_id": req.session_id,
-                "cache": {"hits": result.cache_hits, "frames_encoded": result.frames_encoded}}
+        body = {
+            "button": None,
+            "probabilities": None,
+            "output": None,
+            "mode": req.mode,
+            "model_version": backend.model_version,
+            "session_id": req.session_id,
+            "cache": {"hits": result.cache_hits, "frames_encoded": result.frames_encoded},
+        }
         if result.mode == "score":
             probs = probabilities(result.logprobs)
             button = max(probs, key=probs.get)
             body.update(button=button, probabilities=probs, output={"button": button})
         else:
             parsed, problem = parse_generated(result.text)
-            body.update(raw=result.text, parse_error=problem, output=parsed,
-                        button=parsed["button"] if parsed else None)
+            body.update(
+                raw=result.text, parse_error=problem, output=parsed, button=parsed["button"] if parsed else None
+            )
         body["latency_ms"] = round((time.perf_counter() - start) * 1000, 3)
         return body
 
@@ -211,17 +222,22 @@ def create_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
             parsed, _ = parse_generated(content)
             extra = {"button": parsed["button"] if parsed else None}
         return {
-            "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
             "model": backend.model_version,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
             "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
-            **extra, "latency_ms": round((time.perf_counter() - start) * 1000, 3),
+            **extra,
+            "latency_ms": round((time.perf_counter() - start) * 1000, 3),
         }
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": backend.model_version, "object": "model", "created": 0,
-                                            "owned_by": "pokemon-gemma"}]}
+        return {
+            "object": "list",
+            "data": [{"id": backend.model_version, "object": "model", "created": 0, "owned_by": "pokemon-gemma"}],
+        }
 
     @app.get("/health")
     async def health():

@@ -34,8 +34,9 @@ class Backend(Protocol):
 
     def encode_frames(self, images: list[Image.Image]) -> list[Any]: ...
 
-    def score(self, images: list[Image.Image], context: str, question: str,
-              features: list[Any] | None = None) -> dict[str, float]: ...
+    def score(
+        self, images: list[Image.Image], context: str, question: str, features: list[Any] | None = None
+    ) -> dict[str, float]: ...
 
     def generate(self, images: list[Image.Image], context: str, question: str, max_new_tokens: int) -> str: ...
 
@@ -99,8 +100,16 @@ class TorchBackend(ScorerBackend):
 
     name = "torch"
 
-    def __init__(self, model_path: str, adapter_path: str | None = None, *, precision: str = "no",
-                 max_seq_length: int = 2048, frame_layout: str = "images", version: str | None = None):
+    def __init__(
+        self,
+        model_path: str,
+        adapter_path: str | None = None,
+        *,
+        precision: str = "no",
+        max_seq_length: int = 2048,
+        frame_layout: str = "images",
+        version: str | None = None,
+    ):
         import torch
 
         from ..collate import Collator
@@ -117,24 +126,41 @@ class MlxBackend(ScorerBackend):
 
     name = "mlx"
 
-    def __init__(self, mlx_dir: str, *, max_seq_length: int = 2048, frame_layout: str = "images",
-                 version: str | None = None):
+    def __init__(
+        self, mlx_dir: str, *, max_seq_length: int = 2048, frame_layout: str = "images", version: str | None = None
+    ):
         try:
             import mlx.core as mx
 
             from ..mlx_backend import MlxButtonScorer
         except ImportError as exc:
-            raise BackendError(f"MLX backend unavailable ({exc}); install mlx and mlx-vlm or use --backend torch") from None
+            raise BackendError(
+                f"MLX backend unavailable ({exc}); install mlx and mlx-vlm or use --backend torch"
+            ) from None
         scorer = MlxButtonScorer(mlx_dir, frame_layout=frame_layout, max_seq_length=max_seq_length)
         super().__init__(scorer, frame_layout, version or model_version(mlx_dir), mx.stack)
 
 
-def create_backend(kind: str, model_path: str, adapter_path: str | None = None, *, precision: str = "no",
-                   max_seq_length: int = 2048, frame_layout: str = "images", version: str | None = None) -> Backend:
+def create_backend(
+    kind: str,
+    model_path: str,
+    adapter_path: str | None = None,
+    *,
+    precision: str = "no",
+    max_seq_length: int = 2048,
+    frame_layout: str = "images",
+    version: str | None = None,
+) -> Backend:
     """Load a backend; raises ModelLoadError/BackendError with a one-line reason."""
     if kind == "torch":
-        return TorchBackend(model_path, adapter_path, precision=precision, max_seq_length=max_seq_length,
-                            frame_layout=frame_layout, version=version)
+        return TorchBackend(
+            model_path,
+            adapter_path,
+            precision=precision,
+            max_seq_length=max_seq_length,
+            frame_layout=frame_layout,
+            version=version,
+        )
     if kind == "mlx":
         if adapter_path:
             raise BackendError("--adapter_path is not supported with --backend mlx (export a merged MLX folder)")

@@ -58,8 +58,9 @@ def load_probe_frames(folder: str | Path) -> list[str]:
     return out
 
 
-def predict_payload(frames: list[str], *, context: str = "", session_id: str | None = None,
-                    mode: str = "score") -> dict:
+def predict_payload(
+    frames: list[str], *, context: str = "", session_id: str | None = None, mode: str = "score"
+) -> dict:
     payload = {"frames": frames, "context": context, "mode": mode}
     if session_id is not None:
         payload["session_id"] = session_id
@@ -78,7 +79,9 @@ def read_api_key(var: str | None, env_file: str = ".env") -> str | None:
 
     key = os.environ.get(var) or (dotenv_values(env_file).get(var) if os.path.isfile(env_file) else None)
     if not key:
-        print(f"error: --api_key_env {var}: variable {var} is unset or empty (export {var}=<key> or put it in .env)",
-              file=sys.stderr)
+        print(
+            f"error: --api_key_env {var}: variable {var} is unset or empty (export {var}=<key> or put it in .env)",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
     return key

@@ -26,20 +26,37 @@ def free_port() -> int:
 class ServerProcess:
     """`with ServerProcess(["--model_path", m]) as srv: httpx.get(srv.url + "/health")`."""
 
-    def __init__(self, args: list[str], *, log_path: str | Path, env: dict[str, str] | None = None,
-                 cwd: str | Path | None = None, ready_timeout_s: float = 120.0, script: str | Path = SERVER_SCRIPT):
+    def __init__(
+        self,
+        args: list[str],
+        *,
+        log_path: str | Path,
+        env: dict[str, str] | None = None,
+        cwd: str | Path | None = None,
+        ready_timeout_s: float = 120.0,
+        script: str | Path = SERVER_SCRIPT,
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
-        child_env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-                     "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", **(env or {})}
+        child_env = {
+            **os.environ,
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+            "TOKENIZERS_PARALLELISM": "false",
+            "HF_HUB_OFFLINE": "1",
+            **(env or {}),
+        }
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, str(script), *args, "--host", "127.0.0.1", "--port", str(self.port)],
-            stdout=self._log, stderr=subprocess.STDOUT, env=child_env, cwd=cwd or REPO_ROOT)
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=child_env,
+            cwd=cwd or REPO_ROOT,
+        )
         self.ready_timeout_s = ready_timeout_s
 
-    def wait_ready(self) -> "ServerProcess":
+    def wait_ready(self) -> ServerProcess:
         deadline = time.monotonic() + self.ready_timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -70,7 +87,7 @@ class ServerProcess:
             self._log.flush()
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         return self.wait_ready()
 
     def __exit__(self, *exc) -> None:

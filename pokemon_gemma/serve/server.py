@@ -17,30 +17,51 @@ GRACEFUL_SHUTDOWN_S = 30
 
 def build_parser(settings, default_backend: str, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
-    add_settings_args(parser, settings, ["model_path", "host", "port", "mixed_precision", "max_seq_length",
-                                         "frame_layout"])
-    parser.add_argument("--adapter_path", default=None,
-                        help="LoRA adapter folder loaded on top of --model_path (torch backend only)")
-    parser.add_argument("--backend", choices=BACKENDS, default=default_backend,
-                        help=f"what runs the model (default: {default_backend})")
-    parser.add_argument("--api_key_env", default=None, metavar="VAR",
-                        help="name of the environment (or .env) variable holding the API key; when set, "
-                             "/v1/* and /metrics need 'Authorization: Bearer <key>' (the key is never logged)")
+    add_settings_args(
+        parser, settings, ["model_path", "host", "port", "mixed_precision", "max_seq_length", "frame_layout"]
+    )
+    parser.add_argument(
+        "--adapter_path", default=None, help="LoRA adapter folder loaded on top of --model_path (torch backend only)"
+    )
+    parser.add_argument(
+        "--backend", choices=BACKENDS, default=default_backend, help=f"what runs the model (default: {default_backend})"
+    )
+    parser.add_argument(
+        "--api_key_env",
+        default=None,
+        metavar="VAR",
+        help="name of the environment (or .env) variable holding the API key; when set, "
+        "/v1/* and /metrics need 'Authorization: Bearer <key>' (the key is never logged)",
+    )
     parser.add_argument("--max_body_mb", type=float, default=8.0, help="largest request body in MiB (413 above)")
-    parser.add_argument("--frame_cache_size", type=int, default=128,
-                        help="vision features of this many frames are kept for session streams (0 = off)")
+    parser.add_argument(
+        "--frame_cache_size",
+        type=int,
+        default=128,
+        help="vision features of this many frames are kept for session streams (0 = off)",
+    )
     parser.add_argument("--max_batch", type=int, default=8, help="most requests the model worker takes at once")
-    parser.add_argument("--batch_wait_ms", type=float, default=2.0,
-                        help="how long the worker waits for more requests to join a batch")
-    parser.add_argument("--max_queue", type=int, default=64,
-                        help="model requests allowed to wait or run at once; more get 503 + Retry-After")
-    parser.add_argument("--request_timeout_s", type=float, default=600.0,
-                        help="a model call slower than this answers 504")
-    parser.add_argument("--model_version", default=None,
-                        help="version string reported by the API and /metrics (default: folder name + config hash)")
+    parser.add_argument(
+        "--batch_wait_ms", type=float, default=2.0, help="how long the worker waits for more requests to join a batch"
+    )
+    parser.add_argument(
+        "--max_queue",
+        type=int,
+        default=64,
+        help="model requests allowed to wait or run at once; more get 503 + Retry-After",
+    )
+    parser.add_argument(
+        "--request_timeout_s", type=float, default=600.0, help="a model call slower than this answers 504"
+    )
+    parser.add_argument(
+        "--model_version",
+        default=None,
+        help="version string reported by the API and /metrics (default: folder name + config hash)",
+    )
     parser.add_argument("--no_warmup", action="store_true", help="report ready without a warm-up prediction")
-    parser.add_argument("--log_level", default="info", choices=("debug", "info", "warning", "error"),
-                        help="log verbosity")
+    parser.add_argument(
+        "--log_level", default="info", choices=("debug", "info", "warning", "error"), help="log verbosity"
+    )
     return parser
 
 
@@ -51,7 +72,18 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def main(argv=None, default_backend: str = "torch", description: str = __doc__) -> int:
+TORCH_DESCRIPTION = """Serve the model over HTTP: POST /v1/predict, POST /v1/chat/completions (OpenAI-compatible),
+GET /health, /ready, /metrics. Binds 127.0.0.1 by default."""
+MLX_DESCRIPTION = """The inference server with the MLX backend on an exported MLX folder:
+`MODEL_PATH=models/pokemon-gemma-mlx python scripts/mlx_inference_server.py`
+(MODEL_PATH, HOST, PORT from the environment or .env; every inference_server.py flag works here)."""
+
+
+def main_mlx(argv=None) -> int:
+    return main(argv, default_backend="mlx", description=MLX_DESCRIPTION)
+
+
+def main(argv=None, default_backend: str = "torch", description: str = TORCH_DESCRIPTION) -> int:
     settings = load_settings_or_exit()
     args = build_parser(settings, default_backend, description).parse_args(argv)
     settings = settings_from_args(settings, args)
@@ -60,20 +92,29 @@ def main(argv=None, default_backend: str = "torch", description: str = __doc__) 
     if api_key:
         for handler in logging.getLogger().handlers:
             handler.addFilter(SecretFilter([api_key]))
-    if (args.max_body_mb <= 0 or args.max_batch < 1 or args.frame_cache_size < 0 or args.max_queue < 1
-            or args.request_timeout_s <= 0):
-        print("error: --max_body_mb and --request_timeout_s must be > 0, --max_batch and --max_queue >= 1, "
-              "--frame_cache_size >= 0", file=sys.stderr)
+    if (
+        args.max_body_mb <= 0
+        or args.max_batch < 1
+        or args.frame_cache_size < 0
+        or args.max_queue < 1
+        or args.request_timeout_s <= 0
+    ):
+        print(
+            "error: --max_body_mb and --request_timeout_s must be > 0, --max_batch and --max_queue >= 1, "
+            "--frame_cache_size >= 0",
+            file=sys.stderr,
+        )
         return 2
     if not _is_loopback(settings.host) and not api_key:
-        log.warning("binding %s without --api_key_env: anyone who can reach this port can use the model",
-                    settings.host)
+        log.warning("binding %s without --api_key_env: anyone who can reach this port can use the model", settings.host)
     from ..evaluate import is_mlx_export, run_frame_layout
 
     model_path, adapter_path = settings.model_path, args.adapter_path
     if args.backend == "torch" and is_mlx_export(model_path):
-        print(f"error: {model_path} is an MLX export (use --backend mlx, or scripts/mlx_inference_server.py)",
-              file=sys.stderr)
+        print(
+            f"error: {model_path} is an MLX export (use --backend mlx, or scripts/mlx_inference_server.py)",
+            file=sys.stderr,
+        )
         return 2
     # The frame layout the model was trained with, when its run/merge/export manifest records it.
     layout = run_frame_layout(model_path, adapter_path) or settings.frame_layout
@@ -87,24 +128,44 @@ def main(argv=None, default_backend: str = "torch", description: str = __doc__) 
     if args.backend == "torch" and not adapter_path and is_adapter_dir(model_path):
         adapter_path, model_path = model_path, adapter_base_model(model_path)
         log.info("%s is a LoRA adapter; loading its base model %s", adapter_path, model_path)
-    log.info("loading %s (%s backend)%s", model_path, args.backend,
-             f" + adapter {adapter_path}" if adapter_path else "")
+    log.info(
+        "loading %s (%s backend)%s", model_path, args.backend, f" + adapter {adapter_path}" if adapter_path else ""
+    )
     try:
-        backend = create_backend(args.backend, model_path, adapter_path,
-                                 precision=settings.mixed_precision, max_seq_length=settings.max_seq_length,
-                                 frame_layout=layout, version=args.model_version)
+        backend = create_backend(
+            args.backend,
+            model_path,
+            adapter_path,
+            precision=settings.mixed_precision,
+            max_seq_length=settings.max_seq_length,
+            frame_layout=layout,
+            version=args.model_version,
+        )
     except (ModelLoadError, BackendError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    config = ServerConfig(api_key=api_key, max_body_bytes=int(args.max_body_mb * 1024 * 1024),
-                          frame_cache_size=args.frame_cache_size, max_batch=args.max_batch,
-                          batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
-                          request_timeout_s=args.request_timeout_s, warmup=not args.no_warmup)
+    config = ServerConfig(
+        api_key=api_key,
+        max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+        frame_cache_size=args.frame_cache_size,
+        max_batch=args.max_batch,
+        batch_wait_ms=args.batch_wait_ms,
+        max_queue=args.max_queue,
+        request_timeout_s=args.request_timeout_s,
+        warmup=not args.no_warmup,
+    )
     app = create_app(backend, config)
 
     import uvicorn
 
     # log_config=None: uvicorn's loggers go through our root handler, which redacts secrets.
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, log_level=args.log_level,
-                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, server_header=False)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        server_header=False,
+    )
     return 0

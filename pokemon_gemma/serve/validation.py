@@ -211,7 +211,10 @@ def parse_chat(obj: dict) -> InferenceRequest:
     context = _string(obj, "context", None, MAX_CONTEXT_CHARS)
     if context is None:
         context = "\n".join(system_text).strip()[:MAX_CONTEXT_CHARS]
-    session_id = _string(obj, "session_id", None, MAX_SESSION_ID_CHARS) or _string(obj, "user", None, MAX_SESSION_ID_CHARS)
+    session_id = _string(obj, "session_id", None, MAX_SESSION_ID_CHARS) or _string(
+        obj, "user", None, MAX_SESSION_ID_CHARS
+    )
     limit = obj.get("max_completion_tokens", obj.get("max_tokens"))
-    return InferenceRequest(frames, context, question, _mode(obj), session_id or None,
-                            _max_new_tokens(limit, "max_tokens"))
+    return InferenceRequest(
+        frames, context, question, _mode(obj), session_id or None, _max_new_tokens(limit, "max_tokens")
+    )

@@ -14,7 +14,7 @@ from typing import Any
 from .backends import Backend
 from .frame_cache import FrameCache
 from .metrics import ServerMetrics
-from .validation import RequestError, InferenceRequest
+from .validation import InferenceRequest, RequestError
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,14 @@ class _Job:
 
 
 class InferenceWorker:
-    def __init__(self, backend: Backend, metrics: ServerMetrics, cache: FrameCache,
-                 max_batch: int = 8, batch_wait_s: float = 0.002):
+    def __init__(
+        self,
+        backend: Backend,
+        metrics: ServerMetrics,
+        cache: FrameCache,
+        max_batch: int = 8,
+        batch_wait_s: float = 0.002,
+    ):
         self.backend = backend
         self.metrics = metrics
         self.cache = cache
@@ -131,7 +137,7 @@ class InferenceWorker:
         fresh: dict[str, Any] = {}
         items = list(pending.items())
         for start in range(0, len(items), MAX_VISION_BATCH):
-            chunk = items[start:start + MAX_VISION_BATCH]
+            chunk = items[start : start + MAX_VISION_BATCH]
             for (key, _), features in zip(chunk, self.backend.encode_frames([im for _, im in chunk])):
                 fresh[key] = features
         self.metrics.frames_encoded.inc(len(items))
