@@ -39,9 +39,10 @@ def main(argv=None) -> int:
     parser.add_argument("--group_size", type=int, default=64, help="quantisation group size (default 64)")
     args = parser.parse_args(argv)
 
+    from pokemon_gemma.backends.mlx_backend import MlxButtonScorer
     from pokemon_gemma.collate import Collator
-    from pokemon_gemma.export import _weights_bytes, export_mlx, fixed_samples
-    from pokemon_gemma.mlx_backend import MlxButtonScorer
+    from pokemon_gemma.export import export_mlx, fixed_samples
+    from pokemon_gemma.export.common import weights_bytes
     from pokemon_gemma.modeling import load_model, load_processor
     from pokemon_gemma.scoring import ButtonScorer
 
@@ -56,7 +57,7 @@ def main(argv=None) -> int:
     pt = load_model(str(source), precision="fp32").eval()
     pt_ms, pt_causal = _p50_ms(ButtonScorer(pt, collator, causal_images=True).score, samples)
     _, pt_bidir = _p50_ms(ButtonScorer(pt, collator).score, samples)
-    src_mb = _weights_bytes(source) / 1e6
+    src_mb = weights_bytes(source) / 1e6
 
     rows = []
     for bits_text in args.bits.split(","):
@@ -66,7 +67,7 @@ def main(argv=None) -> int:
         export_mlx(source, out, quantization_bits=bits, group_size=args.group_size, verify=False)
         convert_s = time.perf_counter() - t0
         mlx_ms, mlx_buttons = _p50_ms(MlxButtonScorer(out).score, samples)
-        mb = _weights_bytes(out) / 1e6
+        mb = weights_bytes(out) / 1e6
         agree_c = sum(a == b for a, b in zip(mlx_buttons, pt_causal)) / len(samples)
         agree_b = sum(a == b for a, b in zip(mlx_buttons, pt_bidir)) / len(samples)
         rows.append((bits_text.strip(), mb, mb / src_mb, convert_s, mlx_ms, pt_ms, mlx_ms / pt_ms, agree_c, agree_b))

@@ -33,6 +33,8 @@ import torch
 
 from .config import Settings
 from .dataset import Record
+from .errors import first_line
+from .progress import progress
 
 GIB = 2**30
 ADVICE = (
@@ -109,11 +111,10 @@ def free_device_memory(device: str) -> None:
 # --------------------------------------------------------------------------- worst-case samples
 def worst_case_records(records: list[Record], collator, count: int) -> list[Record]:
     """The `count` longest trainable samples (token length incl. image tokens), cycled if fewer."""
-    from tqdm.auto import tqdm
 
     lengths = [
         (collator.sample_length(r), i)
-        for i, r in enumerate(tqdm(records, desc="measuring samples", unit="sample", leave=False))
+        for i, r in enumerate(progress(records, desc="measuring samples", unit="sample", leave=False))
     ]
     order = [i for _, i in sorted(lengths, key=lambda t: (-t[0], t[1]))]
     return [records[order[k % len(order)]] for k in range(count)]
@@ -200,8 +201,7 @@ def _child_probe(conn, s: Settings, records: list[dict], batch_size: int, n_step
         step_time, peak = prober.steps([Record(**r) for r in records], batch_size, n_steps)
         conn.send(("ok", (step_time, peak)))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which decides
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-        conn.send(("oom" if is_oom(exc) else "error", f"{type(exc).__name__}: {first}"))
+        conn.send(("oom" if is_oom(exc) else "error", f"{type(exc).__name__}: {first_line(exc, 300)}"))
     finally:
         conn.close()
 
@@ -272,7 +272,7 @@ def probe_in_process(prober: Prober, records: list[Record], batch_size: int, n_s
     except Exception as exc:  # noqa: BLE001
         if not is_oom(exc):
             raise
-        oom_note = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+        oom_note = f"{type(exc).__name__}: {first_line(exc, 160)}"
     if oom_note is not None:  # cleaned outside `except`: the traceback pins the activations
         prober.model.zero_grad(set_to_none=True)
         free_device_memory(prober.device)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .fileio import atomic_write_json
+from .fileio import atomic_write_json, staged_dir
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -59,16 +59,6 @@ def save_weights(model, path: Path, processor=None) -> None:
         processor.save_pretrained(path)
 
 
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Swap a finished temp folder into place (the old one, if any, is removed after)."""
-    old = final.with_name(f".old-{final.name}")
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def save_checkpoint(
     output_dir: Path,
     step: int,
@@ -82,17 +72,14 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint-{step}/ atomically and drop the oldest beyond `save_total_limit`."""
     final = output_dir / f"checkpoint-{step}"
-    tmp = output_dir / f".tmp-checkpoint-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_weights(model, tmp)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    for rank, rng in enumerate(rng_states):
-        torch.save(rng, tmp / f"rng_state_{rank}.pth")
-    atomic_write_json(tmp / "run_config.json", run_config)
-    atomic_write_json(tmp / STATE_FILE, state)  # written last: marks the checkpoint complete
-    replace_dir(tmp, final)
+    with staged_dir(final, tag="tmp") as tmp:
+        save_weights(model, tmp)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        for rank, rng in enumerate(rng_states):
+            torch.save(rng, tmp / f"rng_state_{rank}.pth")
+        atomic_write_json(tmp / "run_config.json", run_config)
+        atomic_write_json(tmp / STATE_FILE, state)  # written last: marks the checkpoint complete
     if save_total_limit > 0:
         for old in list_checkpoints(output_dir)[:-save_total_limit]:
             shutil.rmtree(old, ignore_errors=True)
@@ -101,6 +88,42 @@ def save_checkpoint(
 
 def load_trainer_state(path: Path) -> dict[str, Any]:
     return json.loads((Path(path) / STATE_FILE).read_text())
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be restored; the message names the folder and what is wrong."""
+
+
+def tied_parameter_names(model) -> set[str]:
+    """Parameters that share storage with an earlier one (e.g. lm_head tied to the embeddings):
+    save_pretrained writes each tensor once, so these are absent from a saved state dict."""
+    seen: dict[int, str] = {}
+    tied = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        ptr = param.data_ptr()
+        if ptr in seen:
+            tied.add(name)
+        else:
+            seen[ptr] = name
+    return tied
+
+
+def load_full_weights(model, path: Path) -> None:
+    """Load a full-model checkpoint strictly: every parameter but the tied ones must be in the files."""
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(Path(path).glob("*.safetensors")):
+        state.update(load_file(shard))
+    if not state:
+        raise CheckpointError(f"{path}: no *.safetensors weights in this full fine-tuning checkpoint")
+    result = model.load_state_dict(state, strict=False)
+    missing = sorted(set(result.missing_keys) - tied_parameter_names(model))
+    if missing or result.unexpected_keys:
+        raise CheckpointError(
+            f"{path}: weights do not match the model ({len(missing)} missing, e.g. {missing[:1]}; "
+            f"{len(result.unexpected_keys)} unexpected, e.g. {result.unexpected_keys[:1]})"
+        )
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int) -> dict[str, Any]:
@@ -112,11 +135,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int) -> dict[
     if isinstance(model, PeftModel):
         set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
     else:
-        from transformers.modeling_utils import load_sharded_checkpoint
-
-        load_sharded_checkpoint(model, path, strict=False) if not (
-            path / "model.safetensors"
-        ).is_file() else model.load_state_dict(load_file(path / "model.safetensors"), strict=False)
+        load_full_weights(model, path)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     rng_file = path / f"rng_state_{rank}.pth"

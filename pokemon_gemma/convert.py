@@ -24,7 +24,8 @@ import sys
 import time
 import zlib
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -41,7 +42,8 @@ from .eevee import (
     read_session,
     scene_from_visual_txt,
 )
-from .fileio import atomic_open, atomic_write_json
+from .fileio import atomic_write_json, move_entries, scratch_dir
+from .progress import progress as progress_bar
 
 FULL_NAME = "pokemon_4frame_dataset_full.jsonl"
 SPLITS = ("train", "val", "test")
@@ -83,7 +85,8 @@ class ConvertOptions:
     min_frames: int = 4
     max_gap_seconds: float = 60.0
     copy_images: bool = False
-    output_dir: str = ""  # images go to output_dir/images/<session>/ when copy_images
+    output_dir: str = ""  # images go to output_dir/images/<session>/ when copy_images (the staging folder)
+    previous_dir: str = ""  # the published output: its identical image copies are hard-linked, not copied again
     history_in_context: bool = False  # add earlier turns' buttons/scene to the model-visible context
 
     def check(self) -> None:
@@ -189,19 +192,20 @@ def _frame_ref(session: Session, res: SessionResult, t: Turn, opts: ConvertOptio
     return os.path.abspath(t.frame)
 
 
-def _copy_frame(src: Path, dest: Path) -> bool:
-    """Copy once: an existing copy with the same size and mtime is kept (reruns are cheap)."""
-    try:
-        st = src.stat()
-        dst = dest.stat()
-        if dst.st_size == st.st_size and int(dst.st_mtime) == int(st.st_mtime):
-            return False
-    except FileNotFoundError:
-        pass
+def _copy_frame(src: Path, dest: Path, previous: Path | None = None) -> bool:
+    """Copy a frame into the staging folder; True when bytes were copied. An earlier output's copy with
+    the same size and mtime is hard-linked instead (same file system), so reruns stay cheap."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    shutil.copy2(src, tmp)
-    os.replace(tmp, dest)
+    st = src.stat()
+    if previous is not None:
+        try:
+            old = previous.stat()
+            if old.st_size == st.st_size and int(old.st_mtime) == int(st.st_mtime):
+                os.link(previous, dest)
+                return False
+        except OSError:
+            pass
+    shutil.copy2(src, dest)
     return True
 
 
@@ -329,14 +333,16 @@ def convert_session(session_dir: str | Path, opts: ConvertOptions) -> SessionRes
         res.problems.append(Problem(str(session.data_file), res.skip_reason, f"windows skipped: {res.skip_detail}"))
     elif opts.copy_images:
         images = Path(opts.output_dir) / "images" / res.image_key
+        previous = Path(opts.previous_dir) / "images" / res.image_key if opts.previous_dir else None
         for t in used.values():
-            dest = images / f"step_{t.turn:04d}_grid.png"
+            name = f"step_{t.turn:04d}_grid.png"
+            dest = images / name
             try:
-                res.images_copied += _copy_frame(t.frame, dest)
+                res.images_copied += _copy_frame(t.frame, dest, previous / name if previous else None)
             except OSError as exc:  # never fall back to the source path silently
                 raise ConvertError(
-                    f"{dest}: cannot write the image copy ({exc.strerror or exc}) "
-                    f"(check free disk space and permissions of --output_dir)"
+                    f"{opts.previous_dir or opts.output_dir}/images/{res.image_key}/{name}: cannot write the image "
+                    f"copy ({exc.strerror or exc}) (check free disk space and permissions of --output_dir)"
                 ) from None
     return res
 
@@ -362,6 +368,157 @@ def _stderr_warn(line: str) -> None:
     print(f"warning: {line}", file=sys.stderr)
 
 
+@dataclass
+class Tally:
+    """What the conversion has seen so far: per-session counters only (the records go straight to the
+    file), problems as they come (raised at once with `strict`), and the summary they make."""
+
+    strict: bool = False
+    warn: Callable[[str], None] = _stderr_warn
+    used: list[tuple[str, int, Counter, Counter]] = field(default_factory=list)  # id, windows, labels, contexts
+    seen_ids: dict[str, str] = field(default_factory=dict)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    sessions_skipped: Counter = field(default_factory=Counter)
+    window_skips: Counter = field(default_factory=Counter)
+    problems_by_reason: Counter = field(default_factory=Counter)
+    problem_items: list[dict[str, str]] = field(default_factory=list)
+    versions: Counter = field(default_factory=Counter)
+    digests: set[bytes] = field(default_factory=set)
+    totals: Counter = field(default_factory=Counter)
+    warned: int = 0
+
+    @property
+    def produced(self) -> int:
+        return self.totals["produced"]
+
+    def note_problem(self, p: Problem) -> None:
+        self.problems_by_reason[p.reason] += 1
+        if len(self.problem_items) < MAX_PROBLEMS_IN_SUMMARY:
+            self.problem_items.append(p.to_dict())
+        if self.strict:
+            raise ConvertError(f"{p.line()} ({hint(p.reason)})")
+        if self.warned < MAX_WARNINGS_PRINTED:
+            self.warn(f"{p.line()} ({hint(p.reason)})")
+        elif self.warned == MAX_WARNINGS_PRINTED:
+            self.warn("more problems not printed; see summary.json")
+        self.warned += 1
+
+    def add(self, res: SessionResult, images_dir: Path) -> list[str]:
+        """Count one session's result; returns the record lines to keep (none for a skipped session)."""
+        for key in ("n_turns", "frames_checked", "images_copied", "candidates"):
+            self.totals[key] += getattr(res, key)
+        self.window_skips.update(res.window_skips)
+        if res.version:
+            self.versions[res.version] += 1
+        for p in res.problems:
+            self.note_problem(p)
+        if res.lines and res.session_id in self.seen_ids:
+            p = Problem(
+                res.dir,
+                "duplicate_session_id",
+                f"session_id {res.session_id} already read from {self.seen_ids[res.session_id]}",
+            )
+            self.note_problem(p)
+            res.skip_reason, res.skip_detail = p.reason, p.detail
+            self.totals["duplicates_removed"] += len(res.lines)
+            shutil.rmtree(images_dir / res.image_key, ignore_errors=True)
+            res.lines = []
+        if not res.lines:
+            self.sessions_skipped[res.skip_reason] += 1
+            self.skipped.append(
+                {
+                    "session_id": res.session_id,
+                    "path": res.dir,
+                    "format_version": res.version,
+                    "reason": res.skip_reason,
+                    "detail": res.skip_detail,
+                    "windows_skipped": dict(res.window_skips),
+                }
+            )
+            return []
+        self.seen_ids[res.session_id] = res.dir
+        for d in res.window_digests:
+            self.totals["identical_frame_windows"] += d in self.digests
+            self.digests.add(d)
+        self.used.append((res.session_id, len(res.lines), Counter(res.labels), Counter(res.contexts)))
+        self.totals["produced"] += len(res.lines)
+        return res.lines
+
+    def summary(self, assignment: dict[str, str], sessions_found: int) -> dict[str, Any]:
+        splits = {s: {"sessions": 0, "windows": 0, "labels": Counter(), "contexts": Counter()} for s in SPLITS}
+        for sid, n, labels, contexts in self.used:
+            st = splits[assignment[sid]]
+            st["sessions"] += 1
+            st["windows"] += n
+            st["labels"].update(labels)
+            st["contexts"].update(contexts)
+        t = self.totals
+
+        def ranked(counter: Counter) -> dict[str, int]:
+            return dict(counter.most_common())
+
+        return {
+            "sessions": {
+                "found": sessions_found,
+                "used": len(self.used),
+                "skipped": len(self.skipped),
+                "skipped_by_reason": ranked(self.sessions_skipped),
+                "format_versions": dict(sorted(self.versions.items())),
+            },
+            "skipped_sessions": self.skipped,
+            "turns": t["n_turns"],
+            "frames_checked": t["frames_checked"],
+            "images_copied": t["images_copied"],
+            "windows": {
+                "candidates": t["candidates"],
+                "produced": t["produced"],
+                "duplicates_removed": t["duplicates_removed"],
+                "skipped": sum(self.window_skips.values()),
+                "skipped_by_reason": ranked(self.window_skips),
+                "identical_frame_windows": t["identical_frame_windows"],
+                "note": "candidates = produced + duplicates_removed + skipped; identical_frame_windows (same 4 frame "
+                "files' bytes as an earlier window, e.g. a shared save state) are kept and only counted",
+            },
+            "labels": ranked(sum((s["labels"] for s in splits.values()), Counter())),
+            "contexts": ranked(sum((s["contexts"] for s in splits.values()), Counter())),
+            "splits": {
+                s: {
+                    "sessions": v["sessions"],
+                    "windows": v["windows"],
+                    "labels": ranked(v["labels"]),
+                    "contexts": ranked(v["contexts"]),
+                }
+                for s, v in splits.items()
+            },
+            "problems": {
+                "count": sum(self.problems_by_reason.values()),
+                "by_reason": ranked(self.problems_by_reason),
+                "items": self.problem_items,
+            },
+        }
+
+
+# Everything a conversion writes into --output_dir: replaced together, never mixed with an older run's.
+OUTPUT_NAMES = (FULL_NAME, *(f"{s}.jsonl" for s in SPLITS), "images", "summary.json")
+
+
+@contextmanager
+def _session_results(session_dirs: list[Path], opts: ConvertOptions, workers: int) -> Iterator[Iterable[SessionResult]]:
+    """Each session's SessionResult in folder order, from a process pool with `workers > 1`."""
+    work = partial(convert_session, opts=opts)
+    if workers <= 1 or len(session_dirs) <= 1:
+        yield map(work, session_dirs)
+        return
+    import multiprocessing
+
+    pool = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn").Pool(workers)
+    try:
+        yield pool.imap(work, [str(d) for d in session_dirs], chunksize=1)  # ordered: output independent of workers
+    finally:
+        pool.terminate()
+        pool.join()
+
+
 def convert_corpus(
     eevee_data_dir: str | Path,
     output_dir: str | Path,
@@ -380,7 +537,9 @@ def convert_corpus(
 ) -> dict[str, Any]:
     """Convert every session under `eevee_data_dir`; write the JSONL files and summary.json; return the summary.
 
-    Raises UsageError for bad options, ConvertError in strict mode at the first problem."""
+    The whole output set (OUTPUT_NAMES) is written into a staging folder beside `output_dir` and moved
+    in only when complete, so a failure (full disk, --strict, Ctrl-C) leaves the previous output as it
+    was. Raises UsageError for bad options, ConvertError in strict mode at the first problem."""
     started = time.perf_counter()
     src, out = Path(eevee_data_dir), Path(output_dir)
     if not src.is_dir():
@@ -389,207 +548,67 @@ def convert_corpus(
         raise UsageError("--val_fraction and --test_fraction must be in [0, 1) and sum to less than 1")
     if workers < 1:
         raise UsageError(f"--workers must be >= 1, got {workers}")
-    opts = ConvertOptions(
-        min_frames=min_frames,
-        max_gap_seconds=max_gap_seconds,
-        copy_images=copy_images,
-        output_dir=str(out.resolve()),
-        history_in_context=history_in_context,
-    )
-    opts.check()
+    ConvertOptions(min_frames=min_frames).check()
     runs_dir = find_runs_dir(src)
     session_dirs = list(iter_session_dirs(runs_dir))
-    out.mkdir(parents=True, exist_ok=True)
-
-    # per-session counters only (ids, window counts, label/context counts): no records kept in memory
-    used: list[tuple[str, int, Counter, Counter]] = []
-    seen_ids: dict[str, str] = {}
-    skipped: list[dict[str, Any]] = []
-    sessions_skipped: Counter = Counter()
-    window_skips: Counter = Counter()
-    problems_by_reason: Counter = Counter()
-    problem_items: list[dict[str, str]] = []
-    versions: Counter = Counter()
-    digests: set[bytes] = set()
-    totals = Counter()
-    warned = 0
-
-    def note_problem(p: Problem) -> None:
-        nonlocal warned
-        problems_by_reason[p.reason] += 1
-        if len(problem_items) < MAX_PROBLEMS_IN_SUMMARY:
-            problem_items.append(p.to_dict())
-        if strict:
-            raise ConvertError(f"{p.line()} ({hint(p.reason)})")
-        if warned < MAX_WARNINGS_PRINTED:
-            warn(f"{p.line()} ({hint(p.reason)})")
-        elif warned == MAX_WARNINGS_PRINTED:
-            warn("more problems not printed; see summary.json")
-        warned += 1
-
-    pool = None
-    work = partial(convert_session, opts=opts)
-    if workers > 1 and len(session_dirs) > 1:
-        import multiprocessing
-
-        pool = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn").Pool(workers)
-        results = pool.imap(work, [str(d) for d in session_dirs], chunksize=1)  # ordered: output independent of workers
-    else:
-        results = map(work, session_dirs)
-
-    bar = None
-    if progress:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        bar = Progress(
-            TextColumn("converting sessions"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[windows]} windows"),
-            transient=False,
+    tally = Tally(strict=strict, warn=warn)
+    with scratch_dir(out, "convert") as stage:
+        opts = ConvertOptions(
+            min_frames=min_frames,
+            max_gap_seconds=max_gap_seconds,
+            copy_images=copy_images,
+            output_dir=str(stage),
+            previous_dir=str(out.resolve()),
+            history_in_context=history_in_context,
         )
-        task = bar.add_task("convert", total=len(session_dirs), windows=0)
-        bar.start()
-    try:
-        with atomic_open(out / FULL_NAME) as full:
+        with (
+            _session_results(session_dirs, opts, workers) as results,
+            progress_bar(
+                total=len(session_dirs), desc="converting sessions", unit="session", disable=not progress
+            ) as bar,
+            open(stage / FULL_NAME, "w", encoding="utf-8") as full,
+        ):
             for res in results:
-                totals["turns"] += res.n_turns
-                totals["frames_checked"] += res.frames_checked
-                totals["images_copied"] += res.images_copied
-                totals["candidates"] += res.candidates
-                window_skips.update(res.window_skips)
-                if res.version:
-                    versions[res.version] += 1
-                for p in res.problems:
-                    note_problem(p)
-                if res.lines and res.session_id in seen_ids:
-                    p = Problem(
-                        res.dir,
-                        "duplicate_session_id",
-                        f"session_id {res.session_id} already read from {seen_ids[res.session_id]}",
-                    )
-                    note_problem(p)
-                    res.skip_reason, res.skip_detail = p.reason, p.detail
-                    totals["duplicates_removed"] += len(res.lines)
-                    if copy_images:
-                        shutil.rmtree(out / "images" / res.image_key, ignore_errors=True)
-                    res.lines = []
-                if not res.lines:
-                    sessions_skipped[res.skip_reason] += 1
-                    skipped.append(
-                        {
-                            "session_id": res.session_id,
-                            "path": res.dir,
-                            "format_version": res.version,
-                            "reason": res.skip_reason,
-                            "detail": res.skip_detail,
-                            "windows_skipped": dict(res.window_skips),
-                        }
-                    )
-                else:
-                    seen_ids[res.session_id] = res.dir
-                    full.write("\n".join(res.lines) + "\n")
-                    labels, contexts = Counter(res.labels), Counter(res.contexts)
-                    for d in res.window_digests:
-                        totals["identical_frame_windows"] += d in digests
-                        digests.add(d)
-                    used.append((res.session_id, len(res.lines), labels, contexts))
-                    totals["produced"] += len(res.lines)
-                if bar is not None:
-                    bar.update(task, advance=1, windows=totals["produced"])
-            if not used:
-                raise _NothingConverted()
-    except _NothingConverted:
-        pass
-    finally:
-        if bar is not None:
-            bar.stop()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-
-    assignment = split_of([u[0] for u in used], val_fraction, test_fraction, split_seed)
-    split_stats = {s: {"sessions": 0, "windows": 0, "labels": Counter(), "contexts": Counter()} for s in SPLITS}
-    for sid, n, labels, contexts in used:
-        st = split_stats[assignment[sid]]
-        st["sessions"] += 1
-        st["windows"] += n
-        st["labels"].update(labels)
-        st["contexts"].update(contexts)
-    if used:
-        _write_splits(out, [(assignment[sid], n) for sid, n, _, _ in used])
-
-    produced = sum(u[1] for u in used)
-    summary = {
-        "eevee_data_dir": str(src),
-        "runs_dir": str(runs_dir),
-        "output_dir": str(out),
-        "options": {
-            "min_frames": min_frames,
-            "val_fraction": val_fraction,
-            "test_fraction": test_fraction,
-            "split_seed": split_seed,
-            "max_gap_seconds": max_gap_seconds,
-            "copy_images": copy_images,
-            "workers": workers,
-            "strict": strict,
-            "history_in_context": history_in_context,
-        },
-        "sessions": {
-            "found": len(session_dirs),
-            "used": len(used),
-            "skipped": len(skipped),
-            "skipped_by_reason": dict(sessions_skipped.most_common()),
-            "format_versions": dict(sorted(versions.items())),
-        },
-        "skipped_sessions": skipped,
-        "turns": totals["turns"],
-        "frames_checked": totals["frames_checked"],
-        "images_copied": totals["images_copied"],
-        "windows": {
-            "candidates": totals["candidates"],
-            "produced": produced,
-            "duplicates_removed": totals["duplicates_removed"],
-            "skipped": sum(window_skips.values()),
-            "skipped_by_reason": dict(window_skips.most_common()),
-            "identical_frame_windows": totals["identical_frame_windows"],
-            "note": "candidates = produced + duplicates_removed + skipped; identical_frame_windows (same 4 frame "
-            "files' bytes as an earlier window, e.g. a shared save state) are kept and only counted",
-        },
-        "labels": dict(sum((s["labels"] for s in split_stats.values()), Counter()).most_common()),
-        "contexts": dict(sum((s["contexts"] for s in split_stats.values()), Counter()).most_common()),
-        "splits": {
-            s: {
-                "sessions": v["sessions"],
-                "windows": v["windows"],
-                "labels": dict(v["labels"].most_common()),
-                "contexts": dict(v["contexts"].most_common()),
-            }
-            for s, v in split_stats.items()
-        },
-        "problems": {
-            "count": sum(problems_by_reason.values()),
-            "by_reason": dict(problems_by_reason.most_common()),
-            "items": problem_items,
-        },
-        "elapsed_s": round(time.perf_counter() - started, 3),
-    }
-    atomic_write_json(out / "summary.json", summary)
+                lines = tally.add(res, stage / "images")
+                if lines:
+                    full.write("\n".join(lines) + "\n")
+                bar.update(1)
+                bar.set_postfix(windows=tally.produced, refresh=False)
+        assignment = split_of([u[0] for u in tally.used], val_fraction, test_fraction, split_seed)
+        if tally.used:
+            _write_splits(stage, [(assignment[sid], n) for sid, n, _, _ in tally.used])
+        else:
+            (stage / FULL_NAME).unlink()
+        summary = {
+            "eevee_data_dir": str(src),
+            "runs_dir": str(runs_dir),
+            "output_dir": str(out),
+            "options": {
+                "min_frames": min_frames,
+                "val_fraction": val_fraction,
+                "test_fraction": test_fraction,
+                "split_seed": split_seed,
+                "max_gap_seconds": max_gap_seconds,
+                "copy_images": copy_images,
+                "workers": workers,
+                "strict": strict,
+                "history_in_context": history_in_context,
+            },
+            **tally.summary(assignment, len(session_dirs)),
+            "elapsed_s": round(time.perf_counter() - started, 3),
+        }
+        atomic_write_json(stage / "summary.json", summary)
+        move_entries(stage, out, OUTPUT_NAMES)
     return summary
-
-
-class _NothingConverted(Exception):
-    """Internal: abandon the temp full file (no output written) when no session produced a window."""
 
 
 def _write_splits(out: Path, runs: list[tuple[str, int]]) -> None:
     """Copy lines of the full file into train/val/test; `runs` = (split, n lines) per session, in file order."""
     with (
         open(out / FULL_NAME, encoding="utf-8") as full,
-        atomic_open(out / "train.jsonl") as tr,
-        atomic_open(out / "val.jsonl") as va,
-        atomic_open(out / "test.jsonl") as te,
+        open(out / "train.jsonl", "w", encoding="utf-8") as tr,
+        open(out / "val.jsonl", "w", encoding="utf-8") as va,
+        open(out / "test.jsonl", "w", encoding="utf-8") as te,
     ):
         sinks = {"train": tr, "val": va, "test": te}
         for split, n in runs:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import random
 import shutil
 from collections import Counter, deque
@@ -37,7 +36,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .fileio import atomic_write_json
+from .fileio import atomic_write_json, staged_dir
 
 GRID = 8
 TILE_W, TILE_H = 30, 20
@@ -646,20 +645,15 @@ def visual_analysis_text(step: int, raw: str) -> str:
 def write_session(session: DemoSession, runs_dir: Path) -> Path:
     """Write one session folder; it appears under its final name only when complete (rename)."""
     final = runs_dir / f"session_{session.session_id}"
-    tmp = runs_dir / f".session_{session.session_id}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    (tmp / "sshots").mkdir(parents=True)
     data, analyses = session_json(session)
-    for turn, va in zip(session.turns, analyses):
-        (tmp / "sshots" / f"step_{turn.turn:04d}_grid.png").write_bytes(png_bytes(turn.frame))
-        (tmp / f"step_{turn.turn:04d}_visual_analysis.txt").write_text(
-            visual_analysis_text(turn.turn, va["raw_pixtral_response"]), encoding="utf-8"
-        )
-    (tmp / "session_data.json").write_text(json.dumps(data, indent=2), encoding="utf-8")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    with staged_dir(final) as tmp:
+        (tmp / "sshots").mkdir()
+        for turn, va in zip(session.turns, analyses):
+            (tmp / "sshots" / f"step_{turn.turn:04d}_grid.png").write_bytes(png_bytes(turn.frame))
+            (tmp / f"step_{turn.turn:04d}_visual_analysis.txt").write_text(
+                visual_analysis_text(turn.turn, va["raw_pixtral_response"]), encoding="utf-8"
+            )
+        (tmp / "session_data.json").write_text(json.dumps(data, indent=2), encoding="utf-8")
     return final
 
 

@@ -1,14 +1,10 @@
 """Evaluation: button accuracy of a model against simple baselines, as JSON, Markdown and PNGs.
 
-A model is reached through a small backend interface, so the torch scorer (base model, LoRA adapter,
-merged folder) and an MLX export plug in the same way:
-
-    backend.score(frames, context, question) -> ButtonScores      (mode "score")
-    backend.generate(frames, context, question, max_new_tokens) -> str   (mode "generate")
-
-`frames` are the 4 decoded PIL frames of a record. In score mode the prediction is the most likely of
-the 8 full answers; in generate mode it is the `button` of the greedy JSON answer, and an answer that
-is not JSON, or names no valid button, counts as wrong (and is counted by kind).
+Any model folder is reached through `pokemon_gemma.backends` (torch for a base model, LoRA adapter,
+merged folder or full fine-tune; MLX for an export), so every kind plugs in the same way. In score
+mode the prediction is the most likely of the 8 full answers; in generate mode it is the `button` of
+the greedy JSON answer, and an answer that is not JSON, or names no valid button, counts as wrong
+(and is counted by kind).
 
 Baselines are computed on exactly the evaluated samples: `majority` (the most common button of the
 training split when given, else of this set), `repeat_last` (the previous turn's button,
@@ -24,19 +20,17 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
+from .backends import Backend, BackendError, load_backend
 from .dataset import BUTTONS, Record, load_records
-from .export import EXPORT_MANIFEST as MLX_MANIFEST
-from .export import MERGE_MANIFEST
-from .fileio import atomic_write_json, atomic_write_jsonl, atomic_write_text
+from .fileio import atomic_write_json, atomic_write_jsonl, atomic_write_text, now_iso
+from .progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
 MODES = ("score", "generate")
-BACKENDS = ("auto", "torch", "mlx")
 INVALID = "invalid"  # the predicted column for generate-mode answers without a valid button
 REPORT_JSON = "eval_report.json"
 REPORT_MD = "eval_report.md"
@@ -47,170 +41,6 @@ CONTEXT_PNG = "accuracy_by_context.png"
 
 class EvalError(RuntimeError):
     """Evaluation cannot run (bad input or model); the message is one line for people."""
-
-
-# --------------------------------------------------------------------------- backends
-class Backend(Protocol):
-    kind: str  # "base", "adapter", "merged", "finetuned" (full fine-tuning run) or "mlx"
-
-    def score(self, frames: list, context: str, question: str): ...
-
-    def generate(self, frames: list, context: str, question: str, max_new_tokens: int = 96) -> str: ...
-
-
-class TorchBackend:
-    """The shared `ButtonScorer` over a transformers model (optionally with a LoRA adapter)."""
-
-    def __init__(
-        self,
-        model,
-        processor,
-        *,
-        kind: str,
-        max_seq_length: int = 2048,
-        frame_layout: str = "images",
-        blank_frames: bool = False,
-        base_model: str | None = None,
-        adapter_path: str | None = None,
-    ):
-        from .collate import Collator
-        from .scoring import ButtonScorer
-
-        self.kind = kind
-        self.base_model, self.adapter_path = base_model, adapter_path  # as resolved (an adapter names its base)
-        self.collator = Collator(processor, max_seq_length, frame_layout, blank_frames=blank_frames)
-        self.scorer = ButtonScorer(model, self.collator)
-
-    def score(self, frames, context, question):
-        return self.scorer.score(frames, context, question)
-
-    def generate(self, frames, context, question, max_new_tokens: int = 96) -> str:
-        return self.scorer.generate(frames, context, question, max_new_tokens=max_new_tokens)
-
-    def generate_batch(self, items, max_new_tokens: int = 96) -> list[str]:
-        return self.scorer.generate_batch(items, max_new_tokens=max_new_tokens)
-
-
-class MlxBackend:
-    """Adapts the MLX export's scorer (`pokemon_gemma.mlx_backend.MlxButtonScorer`) to `Backend`."""
-
-    kind = "mlx"
-
-    def __init__(self, scorer, *, blank_frames: bool = False):
-        self.scorer = scorer
-        self.blank_frames = blank_frames
-
-    def _frames(self, frames):
-        if not self.blank_frames:
-            return frames
-        from .collate import blank_like
-
-        return [blank_like(f) for f in frames]
-
-    def score(self, frames, context, question):
-        from .scoring import ButtonScores
-
-        out = self.scorer.score(self._frames(frames), context, question)
-        return out if hasattr(out, "logprobs") else ButtonScores(dict(out))
-
-    def generate(self, frames, context, question, max_new_tokens: int = 96) -> str:
-        if not hasattr(self.scorer, "generate"):
-            raise EvalError("the MLX scorer has no generate(); use --mode score")
-        return self.scorer.generate(self._frames(frames), context, question, max_new_tokens=max_new_tokens)
-
-
-def is_mlx_export(path: str | Path) -> bool:
-    return (Path(path) / MLX_MANIFEST).is_file()
-
-
-def model_kind(model_name: str, adapter_path: str | None, backend: str = "auto") -> str:
-    """base | adapter | merged | finetuned | mlx, from the flags and the folder's contents."""
-    from .modeling import is_adapter_dir
-
-    if backend == "mlx" or (backend == "auto" and is_mlx_export(model_name)):
-        return "mlx"
-    if adapter_path or is_adapter_dir(model_name):
-        return "adapter"
-    folder = Path(model_name)
-    # A merge writes a manifest beside the weights; a full fine-tuning run its run_config.json.
-    if (folder / MERGE_MANIFEST).is_file():
-        return "merged"
-    if (folder / "run_config.json").is_file():
-        return "finetuned"
-    return "base"
-
-
-def load_backend(
-    model_name: str,
-    adapter_path: str | None = None,
-    *,
-    backend: str = "auto",
-    frame_layout: str = "images",
-    blank_frames: bool = False,
-    max_seq_length: int = 2048,
-    precision: str = "no",
-    token: str | None = None,
-) -> Backend:
-    """Load any of the four model kinds; raise EvalError (one line) when it cannot be loaded."""
-    from .modeling import ModelLoadError, adapter_base_model, is_adapter_dir, load_for_inference
-
-    kind = model_kind(model_name, adapter_path, backend)
-    if kind == "mlx":
-        if adapter_path:
-            raise EvalError("--adapter_path cannot be combined with an MLX export (merge the adapter first)")
-        try:
-            from .mlx_backend import MlxButtonScorer
-
-            scorer = MlxButtonScorer(model_name, frame_layout=frame_layout, max_seq_length=max_seq_length)
-        except ImportError as exc:
-            raise EvalError(
-                f"the MLX backend is not available ({exc}); install mlx-vlm or use --backend torch"
-            ) from None
-        except (OSError, ValueError, RuntimeError, ModelLoadError) as exc:
-            raise EvalError(f"cannot load MLX export {model_name}: {_first_line(exc)}") from None
-        return MlxBackend(scorer, blank_frames=blank_frames)
-    if not adapter_path and is_adapter_dir(model_name):
-        try:
-            adapter_path, model_name = model_name, adapter_base_model(model_name)
-        except (OSError, ValueError, KeyError) as exc:
-            raise EvalError(
-                f"{model_name}/adapter_config.json: no readable base_model_name_or_path "
-                f"({_first_line(exc)}; pass --model_name BASE --adapter_path {model_name})"
-            ) from None
-        log.info("%s is a LoRA adapter; loading its base model %s", adapter_path, model_name)
-    try:
-        model, processor = load_for_inference(model_name, adapter_path, precision=precision, token=token)
-    except ModelLoadError as exc:
-        raise EvalError(str(exc)) from None
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:  # e.g. an adapter that does not fit its base
-        raise EvalError(f"cannot load {adapter_path or model_name}: {_first_line(exc)}") from None
-    return TorchBackend(
-        model,
-        processor,
-        kind=kind,
-        max_seq_length=max_seq_length,
-        frame_layout=frame_layout,
-        blank_frames=blank_frames,
-        base_model=model_name,
-        adapter_path=adapter_path,
-    )
-
-
-def run_frame_layout(model_name: str, adapter_path: str | None) -> str | None:
-    """The frame layout the model was trained with, when its folder records it (a training run's
-    run_config.json, a merge's or an MLX export's manifest)."""
-    for folder in (adapter_path, model_name):
-        for name in ("run_config.json", MERGE_MANIFEST, MLX_MANIFEST):
-            path = Path(folder) / name if folder else None
-            if path is None or not path.is_file():
-                continue
-            try:
-                layout = json.loads(path.read_text()).get("frame_layout")
-            except (OSError, ValueError, AttributeError):
-                continue
-            if layout in ("images", "grid"):
-                return layout
-    return None
 
 
 # --------------------------------------------------------------------------- per-sample predictions
@@ -252,29 +82,31 @@ def predict(
     batch_size: int = 1,
     progress: bool = True,
     frame_loader=None,
+    blank_frames: bool = False,
 ) -> tuple[list[Prediction], list[dict]]:
     """Run the backend over the records: (predictions, skipped [{index, sample_id, reason}]).
 
     Score mode takes one sample at a time (its 8 answers already share one prompt pass); generate mode
     sends `batch_size` samples per call when the backend has `generate_batch`, and a sample's latency
-    is then its share of the batch's time."""
-    from tqdm import tqdm
-
-    from .collate import FrameLoader, SampleError
+    is then its share of the batch's time. `blank_frames` replaces every frame by a black one of the
+    same size (does the model read the pixels?)."""
+    from .collate import FrameLoader, SampleError, blank_like
 
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     frames_of = frame_loader or FrameLoader()
     step = max(1, batch_size) if mode == "generate" and hasattr(backend, "generate_batch") else 1
     predictions, skipped = [], []
-    with tqdm(total=len(records), desc=f"evaluate ({mode})", unit="sample", disable=not progress) as bar:
+    with progress_bar(total=len(records), desc=f"evaluate ({mode})", unit="sample", disable=not progress) as bar:
         for i in range(0, len(records), step):
             batch = []
             for index, record in enumerate(records[i : i + step], start=i):
                 try:
-                    batch.append((record, [frames_of.load(p) for p in record.frames]))
+                    frames = [frames_of.load(p) for p in record.frames]
                 except SampleError as exc:
                     skipped.append({"index": index, "sample_id": record.sample_id, "reason": str(exc)})
+                    continue
+                batch.append((record, [blank_like(f) for f in frames] if blank_frames else frames))
             if batch:
                 predictions += _predict_batch(backend, batch, mode, max_new_tokens)
             bar.update(len(records[i : i + step]))
@@ -482,7 +314,8 @@ class EvalConfig:
     limit: int | None = None
     blank_frames: bool = False
     train_dataset_path: str | None = None
-    frame_layout: str = "images"
+    frame_layout: str | None = None  # None: what the model folder records, else default_frame_layout
+    default_frame_layout: str = "images"
     backend: str = "auto"
     max_seq_length: int = 2048
     precision: str = "no"
@@ -514,21 +347,30 @@ def evaluate(
     if cfg.mode not in MODES:
         raise EvalError(f"--mode must be one of {', '.join(MODES)}")
     if backend is None:
-        backend = load_backend(
-            cfg.model_name,
-            cfg.adapter_path,
-            backend=cfg.backend,
-            frame_layout=cfg.frame_layout,
-            blank_frames=cfg.blank_frames,
-            max_seq_length=cfg.max_seq_length,
-            precision=cfg.precision,
-            token=token,
-        )
+        try:
+            backend = load_backend(
+                cfg.model_name,
+                cfg.adapter_path,
+                backend=cfg.backend,
+                frame_layout=cfg.frame_layout,
+                default_frame_layout=cfg.default_frame_layout,
+                max_seq_length=cfg.max_seq_length,
+                precision=cfg.precision,
+                token=token,
+            )
+        except BackendError as exc:
+            raise EvalError(str(exc)) from None
     from .collate import SampleError
 
     try:
         predictions, skipped = predict(
-            backend, records, cfg.mode, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, progress=progress
+            backend,
+            records,
+            cfg.mode,
+            max_new_tokens=cfg.max_new_tokens,
+            batch_size=cfg.batch_size,
+            progress=progress,
+            blank_frames=cfg.blank_frames,
         )
     except SampleError as exc:  # the prompt does not fit this model/processor: systematic, not per sample
         raise EvalError(f"{cfg.dataset_path}: {exc}") from None
@@ -541,16 +383,16 @@ def evaluate(
         "model_name": cfg.model_name,
         "adapter_path": cfg.adapter_path,
         "model_kind": getattr(backend, "kind", "?"),
-        "backend": "mlx" if getattr(backend, "kind", "") == "mlx" else "torch",
+        "backend": getattr(backend, "name", "?"),
         "dataset_path": str(cfg.dataset_path),
         "train_dataset_path": cfg.train_dataset_path,
         "resolved_base_model": getattr(backend, "base_model", None),
         "resolved_adapter_path": getattr(backend, "adapter_path", None),
         "blank_frames": cfg.blank_frames,
-        "frame_layout": cfg.frame_layout,
+        "frame_layout": getattr(backend, "frame_layout", cfg.frame_layout),
         "limit": cfg.limit,
         "batch_size": cfg.batch_size,
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "created_at": now_iso(),
         **cfg.extra,
     }
     report = build_report(predictions, records, mode=cfg.mode, train_records=train, info=info, skipped=skipped)
@@ -701,8 +543,3 @@ def compare_table(eval_dirs: list[str | Path]) -> str:
         return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
     return "\n".join([line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

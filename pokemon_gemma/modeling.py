@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import first_line
+
 log = logging.getLogger(__name__)
 
 DTYPES = {"no": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -42,7 +44,7 @@ def load_processor(model_name: str, token: str | None = None):
 
 
 def _explain(model_name: str, exc: Exception) -> str:
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    first = first_line(exc)
     if not Path(model_name).exists() and "/" in model_name:
         return (
             f"cannot load {model_name!r}: {first} (a hub id needs network access, and gated Gemma models "
@@ -114,16 +116,6 @@ def apply_lora(
     return get_peft_model(model, lora)
 
 
-def is_adapter_dir(path: str | Path) -> bool:
-    return (Path(path) / "adapter_config.json").is_file()
-
-
-def adapter_base_model(adapter_path: str | Path) -> str:
-    import json
-
-    return json.loads((Path(adapter_path) / "adapter_config.json").read_text())["base_model_name_or_path"]
-
-
 def load_for_inference(
     model_name: str,
     adapter_path: str | None = None,
@@ -136,6 +128,8 @@ def load_for_inference(
 
     The processor comes from the adapter folder when it has one (training saves it there)."""
     from peft import PeftModel
+
+    from .artifacts import is_adapter_dir
 
     model = load_model(model_name, precision=precision, token=token)
     proc_source = (

@@ -227,3 +227,18 @@ def validation_png(
     ax_len.set_title("token budget", fontsize=10)
     fig.suptitle(title, fontsize=11)
     return _save(fig, path)
+
+
+def pipeline_accuracy_png(bars: list[tuple[str, float]], min_accuracy: float, name: str, path: str | Path) -> Path:
+    """Horizontal bars: the accuracy of each model the pipeline evaluated, and the gate's line."""
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    ax.barh([b[0] for b in bars], [b[1] for b in bars], color="#4c72b0")
+    ax.axvline(min_accuracy, color="#c44e52", linestyle="--", label=f"--min_accuracy {min_accuracy:g}")
+    for y, (_, acc) in enumerate(bars):
+        ax.text(acc, y, f" {acc:.3f}", va="center")
+    ax.set_xlim(0, 1.1)
+    ax.set_xlabel("button accuracy")
+    ax.set_title(f"{name}: accuracy by stage")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return _save(fig, path)

@@ -12,7 +12,6 @@ read and inserted under the same write lock) and readers never block writers.
 
 from __future__ import annotations
 
-import datetime as _dt
 import getpass
 import hashlib
 import json
@@ -27,8 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pokemon_gemma.artifacts import find_base_model, find_run_config
 from pokemon_gemma.config import mask_secrets
-from pokemon_gemma.fileio import atomic_write_json, file_sha256
+from pokemon_gemma.errors import first_line
+from pokemon_gemma.fileio import atomic_write_json, file_sha256, now_iso
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +38,6 @@ STAGES = ("none", "staging", "production", "archived")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".npz", ".pt", ".gguf")
 # Files that define an adapter besides its weights: a changed adapter_config changes the model.
 ADAPTER_FILES = ("adapter_config.json",)
-# Manifests other stages write next to weights; the first one naming a base model wins.
-MANIFESTS = ("merge_manifest.json", "mlx_manifest.json", "export_manifest.json", "manifest.json")
-BASE_MODEL_KEYS = ("base_model", "base_model_name_or_path", "source_base_model")
-SOURCE_KEYS = ("lora_path", "adapter_path", "source_path", "source_model", "model_path", "source")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
@@ -89,10 +86,6 @@ class DuplicateWeightsError(RegistryError):
         self.existing = existing
 
 
-def now_iso() -> str:
-    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
-
-
 def current_user() -> str:
     try:
         return os.environ.get("REGISTRY_USER") or getpass.getuser()
@@ -131,64 +124,6 @@ def hash_checkpoint(checkpoint: Path) -> tuple[str, dict[str, str], int]:
         size += p.stat().st_size
     combined = hashlib.sha256("".join(f"{k}\0{v}\n" for k, v in sorted(per_file.items())).encode()).hexdigest()
     return combined, per_file, size
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return obj if isinstance(obj, dict) else None
-
-
-def _lineage_dirs(checkpoint: Path, depth: int = 3) -> list[Path]:
-    """The checkpoint folder, then the folders its manifests say it was made from (merged <- adapter)."""
-    dirs: list[Path] = []
-    current: Path | None = checkpoint if checkpoint.is_dir() else checkpoint.parent
-    while current is not None and len(dirs) < depth and current not in dirs:
-        dirs.append(current)
-        nxt = None
-        for name in MANIFESTS:
-            manifest = _read_json(current / name)
-            if not manifest:
-                continue
-            for key in SOURCE_KEYS:
-                value = manifest.get(key)
-                if isinstance(value, str) and value and Path(value).is_dir():
-                    nxt = Path(value).resolve()
-                    break
-            if nxt:
-                break
-        current = nxt
-    return dirs
-
-
-def find_base_model(checkpoint: Path) -> str | None:
-    for d in _lineage_dirs(checkpoint):
-        adapter = _read_json(d / "adapter_config.json")
-        if adapter and adapter.get("base_model_name_or_path"):
-            return str(adapter["base_model_name_or_path"])
-        for name in MANIFESTS:
-            manifest = _read_json(d / name) or {}
-            for key in BASE_MODEL_KEYS:
-                if isinstance(manifest.get(key), str) and manifest[key]:
-                    return manifest[key]
-        config = _read_json(d / "config.json")
-        if config and config.get("_name_or_path"):
-            return str(config["_name_or_path"])
-    return None
-
-
-def find_run_config(checkpoint: Path) -> tuple[dict | None, Path | None]:
-    """run_config.json of the checkpoint, its parent run folder (checkpoint-N/), or its lineage."""
-    candidates: list[Path] = []
-    for d in _lineage_dirs(checkpoint):
-        candidates += [d / "run_config.json", d.parent / "run_config.json"]
-    for c in candidates:
-        cfg = _read_json(c)
-        if cfg is not None:
-            return cfg, c
-    return None, None
 
 
 def dataset_facts(run_config: dict | None, run_config_path: Path | None) -> tuple[str | None, str | None]:
@@ -590,7 +525,7 @@ def log_to_wandb(
             run.finish()
         return f"{_artifact_name(v.name)} ({mode or os.environ.get('WANDB_MODE') or 'online'})"
     except Exception as exc:  # W&B is optional: unreachable servers or bad keys must not lose the registration
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         log.warning("W&B logging skipped: %s", first)
         return None
 

@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -27,9 +26,11 @@ from . import checkpoint as ckpt
 from .collate import Collator, SampleError
 from .config import Settings, add_settings_args, load_settings_or_exit, settings_from_args, setup_logging
 from .dataset import Record, RecordError, load_records
-from .fileio import JsonlError, atomic_write_json, file_sha256
+from .errors import first_line
+from .fileio import JsonlError, atomic_write_json, file_sha256, staged_dir
 from .loss import loss_sum
 from .modeling import DTYPES, ModelLoadError, apply_lora, load_model, load_processor
+from .progress import progress
 from .scoring import ButtonScorer
 
 log = logging.getLogger("pokemon_gemma.train")
@@ -230,7 +231,7 @@ class MetricsLog:
                     resume="allow",
                 )
             except Exception as exc:  # noqa: BLE001 - W&B unreachable must not stop training
-                log.warning("W&B disabled: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                log.warning("W&B disabled: %s", first_line(exc))
         elif s.report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
@@ -354,15 +355,12 @@ def train(s: Settings, resume_from: str | None = None) -> Path:
     stop = StopFlag()
     stop.install()
 
-    from tqdm.auto import tqdm
-
-    bar = tqdm(
+    bar = progress(
         total=plan.total_steps,
         initial=state["step"],
         desc="train",
         unit="step",
         disable=not accelerator.is_main_process,
-        dynamic_ncols=True,
     )
     device = accelerator.device
     model.train()
@@ -514,19 +512,12 @@ def new_window() -> dict:
 
 
 def save_final(model, processor, path: Path, run_config: dict, info: dict) -> None:
-    """Adapter (or model) + processor, written beside any existing files without losing checkpoints."""
-    tmp = path.with_name(f".tmp-{path.name}-final")
-    shutil.rmtree(tmp, ignore_errors=True)
-    ckpt.save_weights(model, tmp, processor)
-    atomic_write_json(tmp / "run_config.json", run_config)
-    atomic_write_json(tmp / "training_info.json", info)
-    path.mkdir(parents=True, exist_ok=True)
-    for item in tmp.iterdir():  # move file by file: OUTPUT_DIR also holds checkpoints and metrics
-        target = path / item.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        item.replace(target)
-    tmp.rmdir()
+    """Adapter (or model) + processor, moved in beside any existing files (OUTPUT_DIR also holds
+    checkpoints and metrics) only once all of them are written."""
+    with staged_dir(path, tag="final", merge=True) as tmp:
+        ckpt.save_weights(model, tmp, processor)
+        atomic_write_json(tmp / "run_config.json", run_config)
+        atomic_write_json(tmp / "training_info.json", info)
 
 
 def peak_memory() -> dict[str, float]:
@@ -544,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(s)
     try:
         train(s, args.resume_from_checkpoint)
-    except (TrainingError, ModelLoadError, SampleError) as exc:
+    except (TrainingError, ModelLoadError, SampleError, ckpt.CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

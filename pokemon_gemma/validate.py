@@ -25,6 +25,7 @@ import torch
 
 from .config import Settings
 from .dataset import BUTTONS, Record, RecordError, record_from_dict
+from .progress import progress
 
 GIB = 2**30
 SPLITS = ("train", "val", "test")
@@ -149,14 +150,13 @@ def read_split(name: str, path: Path, report: Report) -> list[Row]:
 def check_frames(rows: list[Row], report: Report) -> set[str]:
     """Each distinct frame is opened and decoded once; returns the paths that failed."""
     from PIL import Image
-    from tqdm.auto import tqdm
 
     users: dict[str, list[Row]] = defaultdict(list)
     for row in rows:
         for frame in row.record.frames:
             users[frame].append(row)
     bad, sizes = set(), Counter()
-    for frame in tqdm(users, desc="decoding frames", unit="frame", leave=False):
+    for frame in progress(users, desc="decoding frames", unit="frame", leave=False):
         first = users[frame][0].where
         if not Path(frame).is_file():
             report.error(
@@ -276,7 +276,6 @@ def percentile(values: list[int], q: float) -> int:
 def check_tokens(rows: list[Row], bad_frames: set[str], s: Settings, report: Report, encode_samples: int = 8) -> dict:
     """Lengths with the real processor; over-long samples and the longest ones are fully encoded by
     the training collator, which raises SampleError when images or answer would be truncated."""
-    from tqdm.auto import tqdm
 
     from .collate import Collator, SampleError
     from .modeling import ModelLoadError, load_processor
@@ -290,7 +289,7 @@ def check_tokens(rows: list[Row], bad_frames: set[str], s: Settings, report: Rep
     collator = Collator(processor, s.max_seq_length, s.frame_layout)
     lengths = [
         (collator.sample_length(row.record), row)
-        for row in tqdm(rows, desc="counting tokens", unit="sample", leave=False)
+        for row in progress(rows, desc="counting tokens", unit="sample", leave=False)
     ]
     if not lengths:
         report.checks["tokens"] = "no valid samples"

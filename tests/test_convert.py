@@ -500,13 +500,25 @@ def test_demo_sessions_convert_completely(tmp_path):
         assert rec["context"] == f"Goal: {rec['metadata']['session_goal']}"
 
 
-def test_image_copy_failure_is_an_error_not_a_silent_fallback(tmp_path):
-    write_session(tmp_path / "runs", "20250701_000000")
-    write_session(tmp_path / "runs", "20250701_000001")  # two sessions: the error crosses the process pool
-    (tmp_path / "out" / "images").mkdir(parents=True)
-    (tmp_path / "out" / "images" / "20250701_000000").write_text("a file where the folder should be")
-    r = run_cli("--eevee_data_dir", tmp_path, "--output_dir", tmp_path / "out", "--copy_images", "--workers", "2")
-    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
-    line = r.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: ") and "images/20250701_000000/step_000" in line and "cannot write" in line
-    assert not (tmp_path / "out" / "pokemon_4frame_dataset_full.jsonl").exists()
+def test_full_disk_is_one_line_and_the_previous_output_stays(tmp_path):
+    """Converting into a full file system: a one-line error naming the disk problem, and the previous
+    output set (JSONL, summary, images) is left exactly as it was, with no staging folder behind."""
+    from tests.helpers import fill_disk, small_tmpfs
+
+    for i in range(3):
+        write_session(tmp_path / "runs", f"20250701_00000{i}")
+    with small_tmpfs(tmp_path / "disk", size_kb=1024) as disk:
+        out = disk / "out"
+        assert run_cli("--eevee_data_dir", tmp_path, "--output_dir", out, "--copy_images").returncode == 0
+        before = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+        assert any(str(k).startswith("images/") for k in before) and Path("train.jsonl") in before
+        for i in range(3, 8):
+            write_session(tmp_path / "runs", f"20250701_00000{i}")
+        fill_disk(disk, leave_bytes=8 * 1024)
+        r = run_cli("--eevee_data_dir", tmp_path, "--output_dir", out, "--copy_images", "--workers", "2")
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        line = r.stderr.strip().splitlines()[-1]
+        assert line.startswith("error: ") and "No space left on device" in line and "free disk space" in line, line
+        after = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+        assert after == before
+        assert sorted(p.name for p in disk.iterdir()) == [".filler", "out"]  # no staging folder left behind

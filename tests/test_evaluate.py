@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from pokemon_gemma import evaluate as ev
+from pokemon_gemma.backends import load_backend
 from pokemon_gemma.dataset import BUTTONS, QUESTION, Record, load_records, make_output
 from tests.conftest import REPO_ROOT
 
@@ -336,7 +337,7 @@ def test_mlx_export_is_detected_and_evaluated(confident_model_dir, dataset, tmp_
     assert [r["predicted"] for r in rows] == ["up", "down", "left"] and report["accuracy"] == 1.0
 
     # --blank_frames reaches the MLX scorer too: the same scores as black frames given directly.
-    backend = ev.load_backend(str(mlx_dir), blank_frames=True)
+    backend = load_backend(str(mlx_dir))
     cfg = ev.EvalConfig(
         model_name=str(mlx_dir), dataset_path=str(dataset), output_dir=str(tmp_path / "b"), limit=2, blank_frames=True
     )
@@ -360,19 +361,3 @@ def test_undecodable_frame_is_a_counted_skip(tiny_model_dir, tmp_path):
     assert report["baselines"]["majority"]["accuracy"] == pytest.approx(1 / 3)
     assert report["baselines"]["repeat_last"]["n_missing_previous"] == 1
     assert sum(map(sum, report["confusion_matrix"]["matrix"])) == 3
-
-
-def test_model_kind_and_frame_layout_from_folder_contents(tmp_path):
-    folders = {name: tmp_path / name for name in ("plain", "adapter", "merged", "run", "mlx")}
-    for f in folders.values():
-        f.mkdir()
-    (folders["adapter"] / "adapter_config.json").write_text('{"base_model_name_or_path": "x"}')
-    (folders["merged"] / "merge_manifest.json").write_text('{"frame_layout": "grid"}')
-    (folders["run"] / "run_config.json").write_text('{"frame_layout": "grid"}')
-    (folders["mlx"] / "export_manifest.json").write_text('{"frame_layout": "images"}')
-    kinds = {name: ev.model_kind(str(f), None) for name, f in folders.items()}
-    assert kinds == {"plain": "base", "adapter": "adapter", "merged": "merged", "run": "finetuned", "mlx": "mlx"}
-    assert ev.model_kind(str(folders["plain"]), str(folders["adapter"])) == "adapter"
-    assert ev.model_kind(str(folders["mlx"]), None, backend="torch") == "base"
-    layouts = {name: ev.run_frame_layout(str(f), None) for name, f in folders.items()}
-    assert layouts == {"plain": None, "adapter": None, "merged": "grid", "run": "grid", "mlx": "images"}

@@ -13,11 +13,12 @@ REPO = Path(__file__).resolve().parent.parent
 
 pytest.importorskip("mlx_vlm")
 
-from pokemon_gemma import export  # noqa: E402
+from pokemon_gemma import artifacts, fileio  # noqa: E402
 from pokemon_gemma.cli import export_mlx as convert_to_mlx  # noqa: E402
 from pokemon_gemma.cli import merge as merge_qlora  # noqa: E402
 from pokemon_gemma.collate import Collator  # noqa: E402
 from pokemon_gemma.dataset import BUTTONS  # noqa: E402
+from pokemon_gemma.export import common, mlx, mlx_fixes  # noqa: E402
 from pokemon_gemma.modeling import apply_lora, load_for_inference, load_model, load_processor  # noqa: E402
 
 
@@ -47,7 +48,7 @@ def adapter_dir(base_dir) -> Path:
     torch.manual_seed(0)
     model = apply_lora(load_model(str(base_dir)), r=4, alpha=8, dropout=0.0)
     collator = Collator(load_processor(str(base_dir)), max_seq_length=4096)
-    samples = export.fixed_samples(2)
+    samples = common.fixed_samples(2)
     batch = collator.pad([collator.encode(s.record, images=s.frames) for s in samples])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
     model.train()
@@ -92,13 +93,13 @@ def _error(captured) -> str:
 
 
 def _logits(model, collator, sample, token_type_ids=True):
-    return export.torch_logits(model, collator, sample, token_type_ids=token_type_ids)
+    return common.torch_logits(model, collator, sample, token_type_ids=token_type_ids)
 
 
 def test_merge_equals_adapter_and_writes_manifest(base_dir, adapter_dir, merged_dir):
-    manifest = json.loads((merged_dir / export.MERGE_MANIFEST).read_text())
+    manifest = json.loads((merged_dir / artifacts.MERGE_MANIFEST).read_text())
     assert manifest["base_model"] == str(base_dir)
-    assert manifest["adapter"]["sha256"] == export.file_sha256(adapter_dir / "adapter_model.safetensors")
+    assert manifest["adapter"]["sha256"] == fileio.file_sha256(adapter_dir / "adapter_model.safetensors")
     assert manifest["dtype"] == "fp32" and manifest["versions"]["peft"] and manifest["created"]
     assert manifest["verification"]["passed"] and manifest["verification"]["max_abs_logit_diff"] < 1e-4
     assert manifest["verification"]["adapter_effect"] > 1e-2  # the trained adapter does move the base
@@ -111,7 +112,7 @@ def test_merge_equals_adapter_and_writes_manifest(base_dir, adapter_dir, merged_
     # independently of the manifest: merged == base + adapter, and the adapter does change the model
     processor = load_processor(str(merged_dir))
     collator = Collator(processor, max_seq_length=4096)
-    sample = export.fixed_samples(3)[2]
+    sample = common.fixed_samples(3)[2]
     adapter_model, _ = load_for_inference(str(base_dir), str(adapter_dir), device="cpu")
     merged = load_model(str(merged_dir)).eval()
     base = load_model(str(base_dir)).eval()
@@ -164,8 +165,8 @@ def test_merge_errors_are_one_line(base_dir, adapter_dir, merged_dir, tmp_path, 
     assert rc == 1 and err.startswith("error: adapter/base mismatch") and "size mismatch" in err
     assert not (tmp_path / "out2").exists() and not list(tmp_path.glob(".out2*"))
 
-    with pytest.raises(export.ExportError, match="not enough disk"):
-        export.check_free_disk(tmp_path, 10**18)
+    with pytest.raises(common.ExportError, match="not enough disk"):
+        common.check_free_disk(tmp_path, 10**18)
 
 
 def test_config_fixes_are_noops_when_not_needed():
@@ -180,7 +181,7 @@ def test_config_fixes_are_noops_when_not_needed():
             },
         },
     }
-    applied = export.apply_config_fixes(config)
+    applied = mlx_fixes.apply_config_fixes(config)
     assert [f["fix"] for f in applied] == [
         "fix_mm_tokens_in_text_config",
         "fix_top_level_hidden_size",
@@ -190,7 +191,7 @@ def test_config_fixes_are_noops_when_not_needed():
     assert text["rope_scaling"] == {"rope_type": "linear", "factor": 8.0}
     assert text["rope_local_base_freq"] == 10000.0 and text["rope_global_base_freq"] == 1000000.0
     assert config["hidden_size"] == 2560 and text["mm_tokens_per_image"] == 256
-    assert export.apply_config_fixes(config) == []
+    assert mlx_fixes.apply_config_fixes(config) == []
 
 
 @pytest.fixture(scope="module")
@@ -221,11 +222,11 @@ def mlx_fp32_dir(merged_dir) -> Path:
 
 
 def test_fp32_export_matches_pytorch(mlx_fp32_dir, merged_dir):
-    manifest = json.loads((mlx_fp32_dir / export.EXPORT_MANIFEST).read_text())
+    manifest = json.loads((mlx_fp32_dir / artifacts.MLX_MANIFEST).read_text())
     applied = {f["fix"] for f in manifest["fixes_applied"]}
     assert (
         applied
-        == set(export.MLX_FIXES)
+        == set(mlx_fixes.MLX_FIXES)
         == {
             "fix_mm_tokens_in_text_config",
             "fix_top_level_hidden_size",
@@ -250,7 +251,7 @@ def test_fp32_export_matches_pytorch(mlx_fp32_dir, merged_dir):
     assert 0.0 <= v["buttons"]["agreement_vs_pytorch_with_token_type_ids"] <= 1.0
 
     # independently of the manifest: the export itself, loaded by mlx_vlm.load, vs PyTorch (no token_type_ids)
-    from pokemon_gemma.mlx_backend import MlxButtonScorer, import_mlx_vlm
+    from pokemon_gemma.backends.mlx_backend import MlxButtonScorer, import_mlx_vlm
 
     mlx_vlm = import_mlx_vlm()
     model, _ = mlx_vlm.load(str(mlx_fp32_dir))
@@ -258,8 +259,8 @@ def test_fp32_export_matches_pytorch(mlx_fp32_dir, merged_dir):
     scorer = MlxButtonScorer(mlx_fp32_dir)
     collator = Collator(load_processor(str(merged_dir)), max_seq_length=4096)
     pt = load_model(str(merged_dir)).eval()
-    sample = export.fixed_samples(4)[3]
-    with export.MlxNormaliser(pt):
+    sample = common.fixed_samples(4)[3]
+    with mlx.MlxNormaliser(pt):
         ref, enc = _logits(pt, collator, sample, token_type_ids=False)
     got = scorer.logits(enc.input_ids.numpy(), images=collator.images_for([], sample.frames))
     assert got.shape == tuple(ref.shape)
@@ -268,7 +269,7 @@ def test_fp32_export_matches_pytorch(mlx_fp32_dir, merged_dir):
 
     r = sample.record
     mlx_scores = scorer.score(sample.frames, r.context, r.question).logprobs
-    with export.MlxNormaliser(pt):
+    with mlx.MlxNormaliser(pt):
         pt_scores = ButtonScorer(pt, collator, causal_images=True).score(sample.frames, r.context, r.question).logprobs
     assert max(abs(mlx_scores[b] - pt_scores[b]) for b in pt_scores) < 1e-3
 
@@ -276,13 +277,13 @@ def test_fp32_export_matches_pytorch(mlx_fp32_dir, merged_dir):
 def test_importing_mlx_backend_keeps_transformers_processor(mlx_fp32_dir, base_dir):
     from transformers import AutoProcessor
 
-    from pokemon_gemma.mlx_backend import import_mlx_vlm
+    from pokemon_gemma.backends.mlx_backend import import_mlx_vlm
 
     import_mlx_vlm()
     processor = AutoProcessor.from_pretrained(str(base_dir))
     assert type(processor).__module__.startswith("transformers."), type(processor).__module__
     assert "token_type_ids" in processor(
-        text=["<start_of_image>"], images=[[export.fixed_samples(1)[0].frames[0]]], return_tensors="pt"
+        text=["<start_of_image>"], images=[[common.fixed_samples(1)[0].frames[0]]], return_tensors="pt"
     )
 
 
@@ -303,7 +304,7 @@ def test_4bit_export_generates_and_reports_agreement(merged_dir, capsys):
         ]
     )
     captured = capsys.readouterr()
-    manifest = json.loads((out / export.EXPORT_MANIFEST).read_text())
+    manifest = json.loads((out / artifacts.MLX_MANIFEST).read_text())
     buttons = manifest["verification"]["buttons"]
     assert manifest["quantization"] == {"bits": 4, "group_size": 64}
     assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 4
@@ -313,12 +314,12 @@ def test_4bit_export_generates_and_reports_agreement(merged_dir, capsys):
     assert rc == (0 if buttons["agreement_vs_pytorch_causal"] >= 0.9 else 1)
     assert (rc == 1) == ("failed verification" in captured.err)
 
-    from pokemon_gemma.mlx_backend import MlxButtonScorer, import_mlx_vlm
+    from pokemon_gemma.backends.mlx_backend import MlxButtonScorer, import_mlx_vlm
 
     model, _ = import_mlx_vlm().load(str(out))
     assert model.language_model.model.layers[0].mlp.up_proj.bits == 4
     scorer = MlxButtonScorer(out)
-    sample = export.fixed_samples(1)[0]
+    sample = common.fixed_samples(1)[0]
     r = sample.record
     ids = scorer.generate_ids(sample.frames, r.context, r.question, max_new_tokens=6)
     assert 1 <= len(ids) <= 6 and all(isinstance(i, int) for i in ids)

@@ -10,9 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from tqdm import tqdm
-
 from pokemon_gemma.demo import DemoOutputError, write_demo_sessions
+from pokemon_gemma.progress import progress as progress_bar
 
 
 def main(argv=None) -> int:
@@ -84,7 +83,7 @@ def main(argv=None) -> int:
             grid_lines=args.grid_lines,
             world_size=args.world_size,
             overwrite=args.overwrite,
-            progress=lambda it: tqdm(it, desc="demo sessions", unit="session", file=sys.stderr),
+            progress=lambda it: progress_bar(it, desc="demo sessions", unit="session"),
         )
     except DemoOutputError as exc:
         print(f"error: {exc}", file=sys.stderr)

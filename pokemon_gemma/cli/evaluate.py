@@ -98,9 +98,6 @@ def main(argv=None) -> int:
         if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
             parser.error("--batch_size and --limit must be at least 1")
         setup_logging(settings)
-        frame_layout = (
-            args.frame_layout or ev.run_frame_layout(args.model_name, args.adapter_path) or settings.frame_layout
-        )
         cfg = ev.EvalConfig(
             model_name=args.model_name,
             adapter_path=args.adapter_path,
@@ -110,7 +107,8 @@ def main(argv=None) -> int:
             limit=args.limit,
             blank_frames=args.blank_frames,
             train_dataset_path=args.train_dataset_path,
-            frame_layout=frame_layout,
+            frame_layout=args.frame_layout,
+            default_frame_layout=settings.frame_layout,
             backend=args.backend,
             precision=args.mixed_precision,
             max_new_tokens=args.max_new_tokens,

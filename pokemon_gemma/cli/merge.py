@@ -65,14 +65,14 @@ def main(argv=None) -> int:
     if args.verify_samples < 1:
         parser.error("--verify_samples must be at least 1")
     setup_logging(settings)
+    from pokemon_gemma.artifacts import ArtifactError, adapter_base_model
     from pokemon_gemma.export import ExportError, merge_lora
-    from pokemon_gemma.modeling import adapter_base_model
 
     base = args.base_model
     if base is None:
         try:
-            base = adapter_base_model(args.lora_path) or settings.model_name
-        except (OSError, ValueError, KeyError):
+            base = adapter_base_model(args.lora_path)
+        except ArtifactError:  # merge_lora names what is wrong with the adapter folder
             base = settings.model_name
     try:
         manifest = merge_lora(

@@ -13,6 +13,7 @@ import os
 import sys
 
 from pokemon_gemma.config import add_settings_args, load_settings_or_exit, settings_from_args, setup_logging
+from pokemon_gemma.errors import first_line
 from pokemon_gemma.sweeps import REPO_ROOT, SweepError, agent_command, create_sweep, load_sweep, validate_sweep
 
 
@@ -78,7 +79,7 @@ def main(argv=None) -> int:
     try:
         sweep_id = create_sweep(sweep, settings.wandb_project, settings.wandb_entity)
     except Exception as exc:  # noqa: BLE001 - any W&B/network failure becomes one line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         print(f"error: could not create the sweep on W&B: {first} (check the key and network)", file=sys.stderr)
         return 1
     print(f"created sweep {sweep_id} in {where}")

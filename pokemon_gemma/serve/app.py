@@ -19,9 +19,9 @@ from fastapi.responses import JSONResponse, Response
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..backends import Backend
 from ..dataset import QUESTION, make_output
-from ..scoring import parse_generated
-from .backends import Backend, probabilities
+from ..scoring import ButtonScores, parse_generated
 from .frame_cache import FrameCache
 from .metrics import ServerMetrics
 from .validation import Frame, InferenceRequest, RequestError, parse_chat, parse_json, parse_predict
@@ -195,7 +195,7 @@ def create_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
             "cache": {"hits": result.cache_hits, "frames_encoded": result.frames_encoded},
         }
         if result.mode == "score":
-            probs = probabilities(result.logprobs)
+            probs = ButtonScores(result.logprobs).probabilities
             button = max(probs, key=probs.get)
             body.update(button=button, probabilities=probs, output={"button": button})
         else:
@@ -213,7 +213,7 @@ def create_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
         result = await infer(req)
         extra = {}
         if result.mode == "score":
-            probs = probabilities(result.logprobs)
+            probs = ButtonScores(result.logprobs).probabilities
             button = max(probs, key=probs.get)
             content = make_output(button)
             extra = {"button": button, "probabilities": probs}

@@ -8,8 +8,8 @@ import ipaddress
 import logging
 import sys
 
+from ..backends import BACKENDS, BackendError, choose_backend, load_backend  # no torch import here
 from ..config import SecretFilter, add_settings_args, load_settings_or_exit, settings_from_args, setup_logging
-from .backends import BACKENDS, BackendError, create_backend  # no torch import at module level
 from .client import read_api_key
 
 GRACEFUL_SHUTDOWN_S = 30
@@ -107,43 +107,44 @@ def main(argv=None, default_backend: str = "torch", description: str = TORCH_DES
         return 2
     if not _is_loopback(settings.host) and not api_key:
         log.warning("binding %s without --api_key_env: anyone who can reach this port can use the model", settings.host)
-    from ..evaluate import is_mlx_export, run_frame_layout
-
-    model_path, adapter_path = settings.model_path, args.adapter_path
-    if args.backend == "torch" and is_mlx_export(model_path):
-        print(
-            f"error: {model_path} is an MLX export (use --backend mlx, or scripts/mlx_inference_server.py)",
-            file=sys.stderr,
-        )
+    try:
+        choose_backend(settings.model_path, args.backend)
+    except BackendError as exc:
+        print(f"error: {exc} (or scripts/mlx_inference_server.py)", file=sys.stderr)
         return 2
-    # The frame layout the model was trained with, when its run/merge/export manifest records it.
-    layout = run_frame_layout(model_path, adapter_path) or settings.frame_layout
-    if layout != settings.frame_layout:
-        log.info("frame layout %r from the model's manifest (FRAME_LAYOUT says %r)", layout, settings.frame_layout)
 
     # Heavy imports (torch, transformers, fastapi) only once the flags are known to be good.
-    from ..modeling import ModelLoadError, adapter_base_model, is_adapter_dir
+    from ..modeling import ModelLoadError
     from .app import ServerConfig, create_app
 
-    if args.backend == "torch" and not adapter_path and is_adapter_dir(model_path):
-        adapter_path, model_path = model_path, adapter_base_model(model_path)
-        log.info("%s is a LoRA adapter; loading its base model %s", adapter_path, model_path)
     log.info(
-        "loading %s (%s backend)%s", model_path, args.backend, f" + adapter {adapter_path}" if adapter_path else ""
+        "loading %s (%s backend)%s",
+        settings.model_path,
+        args.backend,
+        f" + adapter {args.adapter_path}" if args.adapter_path else "",
     )
     try:
-        backend = create_backend(
-            args.backend,
-            model_path,
-            adapter_path,
+        backend = load_backend(
+            settings.model_path,
+            args.adapter_path,
+            backend=args.backend,
+            default_frame_layout=settings.frame_layout,
             precision=settings.mixed_precision,
             max_seq_length=settings.max_seq_length,
-            frame_layout=layout,
+            token=settings.hub_token,
             version=args.model_version,
         )
     except (ModelLoadError, BackendError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if backend.adapter_path:
+        log.info("LoRA adapter %s on its base model %s", backend.adapter_path, backend.base_model)
+    if backend.frame_layout != settings.frame_layout:
+        log.info(
+            "frame layout %r from the model's folder (FRAME_LAYOUT says %r)",
+            backend.frame_layout,
+            settings.frame_layout,
+        )
     config = ServerConfig(
         api_key=api_key,
         max_body_bytes=int(args.max_body_mb * 1024 * 1024),

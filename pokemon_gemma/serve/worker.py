@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .backends import Backend
+from ..backends import Backend
 from .frame_cache import FrameCache
 from .metrics import ServerMetrics
 from .validation import InferenceRequest, RequestError
@@ -163,7 +163,7 @@ class InferenceWorker:
         if job.features is None:  # backend without separable vision features
             self.metrics.frames_encoded.inc(len(images))
             result.frames_encoded = len(images)
-        result.logprobs = self.backend.score(images, context, req.question, features=job.features)
+        result.logprobs = self.backend.score(images, context, req.question, features=job.features).logprobs
         return result
 
     @staticmethod

@@ -1,4 +1,4 @@
-"""Scoring and generation with an MLX export (made by `export.export_mlx`), for the evaluator and server.
+"""The MLX backend: scoring and generation with an MLX export (made by `export.export_mlx`).
 
 `MlxButtonScorer` is the MLX twin of `scoring.ButtonScorer`: the same prompt (built by the same
 `Collator`, with exactly one `<bos>`), the same 8 full answers `{"button": "<b>",`, the same shared
@@ -21,9 +21,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .collate import Collator
-from .dataset import BUTTONS
-from .scoring import ButtonScorer, ButtonScores, _common_prefix_length, answer_prefix
+from ..collate import Collator
+from ..dataset import BUTTONS
+from ..scoring import ButtonScorer, ButtonScores, _common_prefix_length, answer_prefix
+from . import ScorerBackend, model_version
 
 MLX_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -106,11 +107,12 @@ class MlxButtonScorer(ButtonScorer):
         dtype: str | None = None,
         max_seq_length: int = 8192,
     ):
-        from .modeling import load_processor
+        from ..artifacts import frame_layout as recorded_frame_layout
+        from ..modeling import load_processor
 
         self.mlx_dir = Path(mlx_dir)
         if frame_layout is None:
-            frame_layout = export_frame_layout(self.mlx_dir)
+            frame_layout = recorded_frame_layout(self.mlx_dir) or "images"
         model = load_mlx_model(self.mlx_dir, dtype=dtype)
         processor = load_processor(str(self.mlx_dir))
         super().__init__(
@@ -235,19 +237,28 @@ class MlxButtonScorer(ButtonScorer):
         return [self.generate(frames, context, question, max_new_tokens) for frames, context, question in items]
 
 
-def export_frame_layout(mlx_dir: Path) -> str:
-    """The frame layout recorded in the export manifest (training's), else "images"."""
-    import json
-
-    manifest = mlx_dir / "export_manifest.json"
-    try:
-        layout = json.loads(manifest.read_text()).get("frame_layout") if manifest.is_file() else None
-    except ValueError:
-        layout = None
-    return layout if layout in ("images", "grid") else "images"
-
-
 def _as_torch(ids):
     import torch
 
     return torch.as_tensor(np.asarray(ids))
+
+
+class MlxBackend(ScorerBackend):
+    """Apple MLX (mlx-vlm) on an exported MLX folder (also runs on Linux CPUs with mlx[cpu])."""
+
+    name = "mlx"
+
+    def __init__(
+        self, mlx_dir: str, *, max_seq_length: int = 2048, frame_layout: str = "images", version: str | None = None
+    ):
+        import mlx.core as mx
+
+        scorer = MlxButtonScorer(mlx_dir, frame_layout=frame_layout, max_seq_length=max_seq_length)
+        super().__init__(
+            scorer,
+            kind="mlx",
+            frame_layout=frame_layout,
+            version=version or model_version(mlx_dir),
+            stack=mx.stack,
+            base_model=mlx_dir,
+        )

@@ -1,0 +1,174 @@
+"""One interface over everything that runs a model: the stages (evaluate, serve, play, export
+verification) talk to a `Backend` and never to torch, MLX or llama.cpp directly.
+
+    backend.score(frames, context, question, features=None) -> ButtonScores   # the 8 full answers
+    backend.generate(frames, context, question, max_new_tokens) -> str        # greedy answer text
+    backend.generate_batch([(frames, context, question), ...], max_new_tokens) -> [str]
+    backend.encode_frames(images) -> [per-frame features]   # when supports_features (server cache)
+    backend.fit_context(context, question) -> str           # shortened to fit the context window
+
+`frames` are the 4 decoded PIL frames, oldest first. `load_backend` picks the backend from the
+folder (an MLX export gets MLX, anything else torch) and resolves an adapter folder to its base.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Protocol
+
+from PIL import Image
+
+from ..artifacts import ArtifactError, is_mlx_export, resolve_model
+from ..artifacts import frame_layout as recorded_frame_layout
+from ..errors import first_line
+from ..scoring import ButtonScores
+
+BACKENDS = ("auto", "torch", "mlx")
+
+
+class BackendError(RuntimeError):
+    """A backend cannot be created or cannot do what was asked; the message is one line for people."""
+
+
+class Backend(Protocol):
+    name: str  # what runs the model: "torch" | "mlx"
+    kind: str  # what the folder is (artifacts.KINDS)
+    model_version: str
+    frame_layout: str
+    supports_features: bool  # per-frame vision features (encode_frames / score(features=...))
+    base_model: str | None
+    adapter_path: str | None
+
+    def fit_context(self, context: str, question: str) -> str: ...
+
+    def encode_frames(self, images: list[Image.Image]) -> list[Any]: ...
+
+    def score(
+        self, frames: list[Image.Image], context: str, question: str, features: list[Any] | None = None
+    ) -> ButtonScores: ...
+
+    def generate(self, frames: list[Image.Image], context: str, question: str, max_new_tokens: int = 96) -> str: ...
+
+    def generate_batch(
+        self, items: list[tuple[list[Image.Image], str, str]], max_new_tokens: int = 96
+    ) -> list[str]: ...
+
+
+def model_version(model_path: str, adapter_path: str | None = None) -> str:
+    """`<folder name>-<12 hex>` from the configs and weight file names/sizes (cheap, no weight hashing)."""
+    digest = hashlib.sha256()
+    for folder in (model_path, adapter_path):
+        if not folder:
+            continue
+        path = Path(folder)
+        digest.update(str(path.name).encode())
+        for name in ("config.json", "adapter_config.json"):
+            if (path / name).is_file():
+                digest.update((path / name).read_bytes())
+        for weights in sorted(list(path.glob("*.safetensors")) + list(path.glob("*.npz"))):
+            digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
+    return f"{Path(adapter_path or model_path).name}-{digest.hexdigest()[:12]}"
+
+
+def choose_backend(model: str, backend: str = "auto") -> str:
+    if backend not in BACKENDS:
+        raise BackendError(f"unknown backend {backend!r} (use one of: {', '.join(BACKENDS)})")
+    if backend == "auto":
+        return "mlx" if is_mlx_export(model) else "torch"
+    if backend == "torch" and is_mlx_export(model):
+        raise BackendError(f"{model} is an MLX export (use --backend mlx)")
+    return backend
+
+
+def load_backend(
+    model: str,
+    adapter_path: str | None = None,
+    *,
+    backend: str = "auto",
+    frame_layout: str | None = None,
+    default_frame_layout: str = "images",
+    max_seq_length: int = 2048,
+    precision: str = "no",
+    token: str | None = None,
+    version: str | None = None,
+) -> Backend:
+    """Load any model folder or hub id. An adapter folder loads its base + the adapter. The frame
+    layout: `frame_layout` if given, else what the model's folders record, else `default_frame_layout`
+    (the FRAME_LAYOUT setting). Raises BackendError (one line)."""
+    from ..modeling import ModelLoadError
+
+    name = choose_backend(model, backend)
+    try:
+        ref = resolve_model(model, adapter_path)
+    except ArtifactError as exc:
+        raise BackendError(str(exc)) from None
+    layout = frame_layout or recorded_frame_layout(ref.adapter, ref.model) or default_frame_layout
+    try:
+        if name == "mlx":
+            if ref.adapter:
+                raise BackendError("an adapter cannot be put on an MLX export (merge the adapter, then export)")
+            from .mlx_backend import MlxBackend
+
+            return MlxBackend(ref.model, frame_layout=layout, max_seq_length=max_seq_length, version=version)
+        from .torch_backend import TorchBackend
+
+        return TorchBackend(
+            ref.model,
+            ref.adapter,
+            kind=ref.kind,
+            precision=precision,
+            max_seq_length=max_seq_length,
+            frame_layout=layout,
+            token=token,
+            version=version,
+        )
+    except (BackendError, ModelLoadError):
+        raise
+    except ImportError as exc:
+        raise BackendError(
+            f"the {name} backend is not available ({first_line(exc)}); install it or use another --backend"
+        ) from None
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:  # e.g. an adapter that does not fit its base
+        raise BackendError(f"cannot load {ref.adapter or ref.model}: {first_line(exc)}") from None
+
+
+class ScorerBackend:
+    """The Backend interface over a `scoring.ButtonScorer`-shaped object (torch `ButtonScorer`,
+    `MlxButtonScorer`): per-frame vision features come from `image_features`."""
+
+    name = "scorer"
+
+    def __init__(
+        self, scorer, *, kind: str, frame_layout: str, version: str, stack, base_model=None, adapter_path=None
+    ):
+        self.scorer = scorer
+        self.collator = scorer.collator
+        self.kind = kind
+        self.frame_layout = frame_layout
+        self.model_version = version
+        self.base_model, self.adapter_path = base_model, adapter_path
+        self._stack = stack
+        # A 2x2 grid image depends on all 4 frames: only separate images have per-frame features.
+        self.supports_features = frame_layout == "images"
+
+    def fit_context(self, context: str, question: str) -> str:
+        from ..dataset import BUTTONS
+        from ..scoring import answer_prefix
+
+        longest = max((answer_prefix(b) for b in BUTTONS), key=len)
+        return self.collator.fit_context(context, question, longest, "request")[0]
+
+    def encode_frames(self, images: list[Image.Image]) -> list[Any]:
+        features = self.scorer.image_features(images)
+        return [features[i] for i in range(len(images))]
+
+    def score(self, frames, context, question, features=None) -> ButtonScores:
+        stacked = self._stack(features) if features is not None else None
+        return self.scorer.score(frames, context, question, features=stacked)
+
+    def generate(self, frames, context, question, max_new_tokens: int = 96) -> str:
+        return self.scorer.generate(frames, context, question, max_new_tokens=max_new_tokens)
+
+    def generate_batch(self, items, max_new_tokens: int = 96) -> list[str]:
+        return self.scorer.generate_batch(items, max_new_tokens=max_new_tokens)

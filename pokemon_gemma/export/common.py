@@ -1,0 +1,182 @@
+"""What merge and the exports share: errors, output checks, package versions, tokenizer files, and
+the fixed 4-frame samples every verification runs on."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from ..dataset import QUESTION, Record, load_records, make_output
+from ..progress import progress
+
+log = logging.getLogger(__name__)
+
+# Files a processor/tokenizer may need; merged and MLX folders get every one the source had.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "processor_config.json",
+    "preprocessor_config.json",
+)
+
+
+class ExportError(RuntimeError):
+    """A merge/export that cannot run or did not verify; one line for people, and an exit code
+    (2: the command line points at something unusable, 1: the work failed)."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+def package_versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "peft", "accelerate", "safetensors", "mlx", "mlx-vlm", "numpy"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def check_output_dir(path: str | Path, overwrite: bool) -> Path:
+    """The output folder must not exist (or be empty) unless --overwrite."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ExportError(f"{path}: exists and is not a folder (choose another --output_path)", code=2)
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise ExportError(f"{path}: output folder exists (pass --overwrite to replace it)", code=2)
+    return path
+
+
+def check_free_disk(folder: str | Path, needed_bytes: int) -> None:
+    """Raise when the file system holding `folder` has less than `needed_bytes` free."""
+    folder = Path(folder)
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if needed_bytes > free:
+        raise ExportError(
+            f"{folder}: not enough disk: need {needed_bytes / 1e9:.2f} GB, "
+            f"{free / 1e9:.2f} GB free (free space or choose another --output_path)"
+        )
+
+
+def weights_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def resolve_local_dir(model: str, token: str | None = None) -> Path | None:
+    """A local folder for a model: the folder itself, or its snapshot in the Hugging Face cache."""
+    if Path(model).is_dir():
+        return Path(model)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model, local_files_only=True, token=token))
+    except Exception:  # not cached / not a hub id: some optional copies are skipped
+        return None
+
+
+def copy_tokenizer_files(source: Path | None, dest: Path, replace: bool = False) -> list[str]:
+    """Copy the tokenizer/processor files `source` has and `dest` lacks (e.g. `tokenizer.model`);
+    with `replace`, also those whose bytes differ (the source is the truth)."""
+    copied = []
+    if source is None:
+        return copied
+    for name in TOKENIZER_FILES:
+        src, dst = source / name, dest / name
+        if not src.is_file():
+            continue
+        if not dst.exists() or (replace and src.read_bytes() != dst.read_bytes()):
+            shutil.copy2(src, dst)
+            copied.append(name)
+    return copied
+
+
+# --------------------------------------------------------------------------- fixed samples
+@dataclass
+class VerifySample:
+    record: Record
+    frames: list[Image.Image]
+
+
+def fixed_samples(n: int, seed: int = 0) -> list[VerifySample]:
+    """`n` deterministic 4-frame samples: windows of procedural demo sessions with expert labels."""
+    from ..demo import generate_session
+
+    out: list[VerifySample] = []
+    index = 0
+    while len(out) < n:
+        session = generate_session(seed, index)
+        index += 1
+        for end in range(3, len(session.turns), 3):
+            window = session.turns[end - 3 : end + 1]
+            turn = window[-1]
+            record = Record(
+                frames=[f"demo:{session.session_id}:{t.turn}" for t in window],
+                context=f"Session goal: {session.goal}.",
+                question=QUESTION,
+                output=make_output(turn.button, turn.reasoning, turn.context_detected, turn.observations),
+                metadata={"session_id": session.session_id, "turns": [t.turn for t in window]},
+            )
+            out.append(VerifySample(record, [Image.fromarray(t.frame) for t in window]))
+            if len(out) == n:
+                break
+    return out
+
+
+def samples_from_jsonl(path: str | Path, n: int) -> list[VerifySample]:
+    """The first `n` records of a JSONL file, frames decoded."""
+    from ..collate import FrameLoader
+
+    loader = FrameLoader()
+    records = load_records(path)[:n]
+    return [VerifySample(r, [loader.load(p) for p in r.frames]) for r in records]
+
+
+def load_samples(verify_data: str | None, n: int) -> tuple[list[VerifySample], str]:
+    if verify_data:
+        from ..collate import SampleError
+        from ..dataset import JsonlError, RecordError
+
+        try:
+            return samples_from_jsonl(verify_data, n), str(verify_data)
+        except (RecordError, JsonlError, SampleError) as exc:
+            raise ExportError(str(exc), code=2) from None
+    return fixed_samples(n), "fixed demo samples (pokemon_gemma.demo, seed 0)"
+
+
+def torch_logits(model, collator, sample: VerifySample, token_type_ids: bool = True):
+    """Float32 logits (T, vocab) of the full sample (prompt + answer); with or without token_type_ids
+    (without them transformers attends causally inside images, as MLX does)."""
+    import torch
+
+    enc = collator.encode(sample.record, with_answer=True, images=sample.frames)
+    param = next(p for p in model.parameters() if p.is_floating_point())
+    ids = enc.input_ids[None].to(param.device)
+    kwargs = dict(
+        input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=enc.pixel_values.to(param.device, param.dtype)
+    )
+    if token_type_ids:
+        kwargs["token_type_ids"] = enc.token_type_ids[None].to(param.device)
+    with torch.no_grad():
+        return model(**kwargs).logits[0].float().cpu(), enc
+
+
+def verify_progress(items: list, desc: str) -> Iterable:
+    return progress(items, desc=desc, unit="sample", leave=False, disable=not items)

@@ -1,0 +1,142 @@
+"""The fixes mlx-vlm's converter needs on a transformers-5 Gemma 3 folder, each applied only when
+needed (measured with mlx 0.32 / mlx-vlm 0.7.10 / transformers 5.23: several fail silently)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from ..fileio import atomic_write_json
+
+
+# Each fix takes the config dict and returns a description when it changed something, else None.
+def fix_mm_tokens_in_text_config(config: dict) -> str | None:
+    """mlx-vlm reads `mm_tokens_per_image` from text_config (default 256): the projector's pooling
+    kernel comes from it (tiny model: a crash; other values: wrongly pooled images)."""
+    value = config.get("mm_tokens_per_image")
+    text = config.setdefault("text_config", {})
+    if value is None or text.get("mm_tokens_per_image") == value:
+        return None
+    text["mm_tokens_per_image"] = value
+    return f"text_config.mm_tokens_per_image = {value} (copied from the top level)"
+
+
+def fix_top_level_hidden_size(config: dict) -> str | None:
+    """mlx-vlm divides image features by sqrt(top-level hidden_size) (default 2048) before the text
+    model multiplies every embedding by sqrt(text hidden_size): a wrong value gives wrong logits."""
+    value = config.get("text_config", {}).get("hidden_size")
+    if value is None or config.get("hidden_size") == value:
+        return None
+    config["hidden_size"] = value
+    return f"hidden_size = {value} (top level, from text_config)"
+
+
+def fix_rope_parameters(config: dict) -> str | None:
+    """transformers 5 writes `rope_parameters` per attention type; mlx-vlm reads `rope_scaling`,
+    `rope_local_base_freq` and `rope_global_base_freq` and silently uses defaults otherwise (dropping
+    e.g. gemma-3-4b's linear x8 scaling of the global layers)."""
+    text = config.get("text_config", {})
+    params = text.get("rope_parameters")
+    if not isinstance(params, dict):
+        return None
+    full = params.get("full_attention", params)
+    sliding = params.get("sliding_attention")
+    changes = []
+    if "rope_theta" in full:
+        for key in ("rope_theta", "rope_global_base_freq"):
+            if text.get(key) != full["rope_theta"]:
+                text[key] = full["rope_theta"]
+                changes.append(f"{key}={full['rope_theta']}")
+    if sliding and "rope_theta" in sliding and text.get("rope_local_base_freq") != sliding["rope_theta"]:
+        text["rope_local_base_freq"] = sliding["rope_theta"]
+        changes.append(f"rope_local_base_freq={sliding['rope_theta']}")
+    rope_type = full.get("rope_type", "default")
+    if rope_type != "default":
+        scaling = {k: v for k, v in full.items() if k != "rope_theta"}
+        if text.get("rope_scaling") != scaling:
+            text["rope_scaling"] = scaling
+            changes.append(f"rope_scaling={scaling}")
+    if not changes:
+        return None
+    return "text_config from rope_parameters: " + ", ".join(changes)
+
+
+CONFIG_FIXES: tuple[Callable[[dict], str | None], ...] = (
+    fix_mm_tokens_in_text_config,
+    fix_top_level_hidden_size,
+    fix_rope_parameters,
+)
+VISION_PREFIX_FIX = "vision_tower.* weights renamed to vision_tower.vision_model.*"
+MLX_FIXES = [f.__name__ for f in CONFIG_FIXES] + ["fix_vision_tower_prefix"]
+
+
+def apply_config_fixes(config: dict) -> list[dict[str, str]]:
+    """Apply every config fix that is needed; [{"fix": name, "change": what changed}] for those."""
+    applied = []
+    for fix in CONFIG_FIXES:
+        change = fix(config)
+        if change:
+            applied.append({"fix": fix.__name__, "change": change})
+    return applied
+
+
+def _renamed(key: str) -> str:
+    if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
+        return "vision_tower.vision_model." + key[len("vision_tower.") :]
+    return key
+
+
+def fix_vision_tower_prefix(folder: Path) -> str | None:
+    """transformers 5 saves SigLIP weights as `vision_tower.*`; mlx-vlm expects
+    `vision_tower.vision_model.*`. Rewrites only the shards that need it (and the index)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    renamed = 0
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(shard, "pt") as fh:
+            keys = list(fh.keys())
+            metadata = fh.metadata() or {}
+        if all(_renamed(k) == k for k in keys):
+            continue
+        tensors = load_file(shard)
+        out = {_renamed(k): v for k, v in tensors.items()}
+        renamed += sum(_renamed(k) != k for k in keys)
+        tmp = shard.with_name(f".{shard.name}.tmp")
+        save_file(out, tmp, metadata={**metadata, "format": "pt"})
+        if shard.is_symlink():
+            shard.unlink()
+        os.replace(tmp, shard)
+        del tensors, out
+    index = folder / "model.safetensors.index.json"
+    if renamed and index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {_renamed(k): v for k, v in data.get("weight_map", {}).items()}
+        if index.is_symlink():
+            index.unlink()
+        atomic_write_json(index, data)
+    return f"{VISION_PREFIX_FIX} ({renamed} tensors)" if renamed else None
+
+
+def prepare_mlx_source(model_path: Path, work_dir: Path) -> list[dict[str, str]]:
+    """A fixed copy of `model_path` in `work_dir` (weights linked unless rewritten); the fixes applied."""
+    for item in model_path.iterdir():
+        dest = work_dir / item.name
+        if item.is_dir():
+            shutil.copytree(item, dest)
+        elif item.suffix == ".safetensors":
+            os.symlink(item.resolve(), dest)  # read-only use; a rewritten shard replaces the link
+        else:
+            shutil.copy2(item, dest)
+    config = json.loads((work_dir / "config.json").read_text())
+    fixes = apply_config_fixes(config)
+    if fixes:
+        (work_dir / "config.json").unlink()
+        atomic_write_json(work_dir / "config.json", config)
+    vision = fix_vision_tower_prefix(work_dir)
+    if vision:
+        fixes.append({"fix": "fix_vision_tower_prefix", "change": vision})
+    return fixes
