@@ -18,7 +18,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: loopback only)")
     parser.add_argument("--port", type=int, default=8080, help="port (default 8080, SkyEmu's usual)")
-    parser.add_argument("--seed", type=int, default=0, help="world seed; same seed + presses = same screens (default 0)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="world seed: same seed + presses = same screens (default 0)")
     parser.add_argument("--goals", type=int, default=3, help="goals per episode reported in /status (default 3)")
     parser.add_argument("--world_size", type=int, default=12, help="world width/height in tiles, >= 8 (default 12)")
     parser.add_argument("--question_rate", type=float, default=0.7,

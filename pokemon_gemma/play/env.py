@@ -112,7 +112,8 @@ class DemoWorldEnv(gym.Env):
         scene = make_world(world_rng, self.paths, self.world_size)
         place_goal(scene, world_rng)
         self.goal_sentence = world_rng.choice(GOAL_SENTENCES)
-        self.state = WorldState(scene, self._goal_rng(0), random.Random(f"pokemon_gemma.play:{self._episode_seed}:noise"))
+        noise = random.Random(f"pokemon_gemma.play:{self._episode_seed}:noise")
+        self.state = WorldState(scene, self._goal_rng(0), noise)
         self._step = 0
         self._goal_expert_presses = expert_presses(self.state, self.dialogue_rate, self.question_rate)
         return self._observation(), self._info()

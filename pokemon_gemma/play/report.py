@@ -103,8 +103,8 @@ def report_markdown(summaries: dict[str, dict], meta: dict[str, Any]) -> str:
     lines += ["", "Buttons pressed:", "", "| policy | " + " | ".join(BUTTONS) + " |", "|---" * (len(BUTTONS) + 1) + "|"]
     for name, s in summaries.items():
         lines.append(f"| {name} | " + " | ".join(str(s["buttons"][b]) for b in BUTTONS) + " |")
-    lines += ["", ("success = goals done / (episodes x goals per episode); steps ratio = presses / the expert's presses "
-                   "on completed goals; stuck = presses in runs of >= 8 that left the frame unchanged."), ""]
+    lines += ["", ("success = goals done / (episodes x goals per episode); steps ratio = presses / the expert's "
+                   "presses on completed goals; stuck = presses in runs of >= 8 that left the frame unchanged."), ""]
     return "\n".join(lines)
 
 
@@ -112,8 +112,8 @@ def report_png(summaries: dict[str, dict], path: str | Path) -> Path:
     names = list(summaries)
     x = np.arange(len(names))
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
-    panels = [("success_rate", "success rate (goals)", axes[0, 0]), ("steps_ratio", "steps ratio (1 = expert)", axes[0, 1]),
-              ("stuck_rate", "stuck rate", axes[1, 0])]
+    panels = [("success_rate", "success rate (goals)", axes[0, 0]),
+              ("steps_ratio", "steps ratio (1 = expert)", axes[0, 1]), ("stuck_rate", "stuck rate", axes[1, 0])]
     for key, title, ax in panels:
         values = [summaries[n][key] for n in names]
         ax.bar(x, [v or 0.0 for v in values], color="tab:blue")
