@@ -80,8 +80,11 @@ def test_goal_stays_put_when_the_player_wanders_off_and_the_expert_finds_it_agai
             break
         dx = info["player"][0] - goal[0]
         dy = info["player"][1] - goal[1]
-        preferred = (["right" if dx >= 0 else "left", "down" if dy >= 0 else "up"] if abs(dx) >= abs(dy)
-                     else ["down" if dy >= 0 else "up", "right" if dx >= 0 else "left"])
+        preferred = (
+            ["right" if dx >= 0 else "left", "down" if dy >= 0 else "up"]
+            if abs(dx) >= abs(dy)
+            else ["down" if dy >= 0 else "up", "right" if dx >= 0 else "left"]
+        )
         before = info["player"]
         for button in preferred + away:
             _, _, _, _, info = env.step(BUTTONS.index(button))
@@ -123,12 +126,15 @@ def test_expert_finishes_every_goal_as_fast_as_itself():
     assert expert["steps_ratio"] == 1.0 and expert["stuck_rate"] == 0.0 and expert["expert_agreement"] == 1.0
 
 
+@pytest.mark.slow  # 4800 presses
 def test_random_and_repeat_last_are_far_below():
     env = DemoWorldEnv(goals_per_episode=3, max_steps=120)
     random_ = summarize(play(env, make_policy("random", seed=0), 20, seed=0))
     repeat = summarize(play(env, make_policy("repeat_last"), 20, seed=0))
-    print(f"\nsuccess: random {random_['success_rate']:.3f} (steps ratio {random_['steps_ratio']}), "
-          f"repeat_last {repeat['success_rate']:.3f}")
+    print(
+        f"\nsuccess: random {random_['success_rate']:.3f} (steps ratio {random_['steps_ratio']}), "
+        f"repeat_last {repeat['success_rate']:.3f}"
+    )
     assert random_["success_rate"] < 0.25 and random_["episode_success_rate"] == 0.0
     assert repeat["success_rate"] == 0.0 and repeat["stuck_rate"] > 0.8
     assert repeat["buttons"]["up"] == repeat["steps"] == 20 * 120

@@ -89,7 +89,7 @@ def test_majority_policy_reads_the_training_split(tmp_path):
     policy = make_policy("majority", path=path)
     assert policy.button == best and policy.act([], "", {}) == best
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(path.read_text().splitlines()[0] + "\n" + json.dumps({"output": "{\"button\": \"jump\"}"}) + "\n")
+    bad.write_text(path.read_text().splitlines()[0] + "\n" + json.dumps({"output": '{"button": "jump"}'}) + "\n")
     with pytest.raises(PolicyError, match=r"bad.jsonl:2: output: .*jump"):
         MajorityPolicy.from_jsonl(bad)
     (tmp_path / "empty.jsonl").write_text("")
@@ -121,7 +121,7 @@ def test_demo_recording_keeps_the_expert_button_and_converts_to_the_pressed_butt
     summary = convert_corpus(tmp_path / "runs", tmp_path / "out", progress=False, warn=lambda line: None)
     assert summary["problems"]["count"] == 0 and summary["windows"]["produced"] == 2 * (20 - 3)
     rows = [json.loads(line) for line in (tmp_path / "out" / "pokemon_4frame_dataset_full.jsonl").open()]
-    by_session = {Path(e.session_dir).name[len("session_"):]: e for e in episodes}
+    by_session = {Path(e.session_dir).name[len("session_") :]: e for e in episodes}
     for row in rows:
         stats = by_session[row["metadata"]["session_id"]]
         turn = row["metadata"]["turns"][-1]
@@ -138,8 +138,10 @@ def test_demo_recording_keeps_the_expert_button_and_converts_to_the_pressed_butt
 
 def test_report_files(tmp_path):
     env = DemoWorldEnv(max_steps=40)
-    results = {"expert": play(env, make_policy("expert"), 3, seed=0, keep_frames=2),
-               "random": play(env, make_policy("random", seed=0), 3, seed=0, keep_frames=1)}
+    results = {
+        "expert": play(env, make_policy("expert"), 3, seed=0, keep_frames=2),
+        "random": play(env, make_policy("random", seed=0), 3, seed=0, keep_frames=1),
+    }
     report = write_report(results, tmp_path / "report", gif_episodes=2, meta={"env": "pokemon_gemma/DemoWorld-v0"})
     saved = json.loads((tmp_path / "report" / "play_report.json").read_text())
     assert saved["policies"] == json.loads(json.dumps(report["policies"]))

@@ -23,8 +23,9 @@ GOAL = "explore the town and talk to everyone you meet"
 
 
 def standin(tmp_path: Path, seed: int) -> ServerProcess:
-    return ServerProcess(["--seed", str(seed)], log_path=tmp_path / f"standin_{seed}.log", script=STANDIN,
-                         ready_timeout_s=60)
+    return ServerProcess(
+        ["--seed", str(seed)], log_path=tmp_path / f"standin_{seed}.log", script=STANDIN, ready_timeout_s=60
+    )
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +34,7 @@ def server(tmp_path_factory):
         yield srv
 
 
+@pytest.mark.slow  # starts the stand-in as a child process
 def test_endpoints_answer_like_skyemu(server):
     with SkyEmuClient(server.url) as client:
         client.ping()
@@ -48,6 +50,7 @@ def test_endpoints_answer_like_skyemu(server):
         assert client.screen().shape == (160, 240, 3)
 
 
+@pytest.mark.slow  # starts the stand-in as a child process
 def test_presses_over_http_show_exactly_the_env_frames(tmp_path):
     with standin(tmp_path, seed=9) as srv, SkyEmuEnv(srv.url, goal=GOAL) as env:
         local = DemoWorldEnv(max_steps=10**6)
@@ -72,13 +75,14 @@ def converted_labels(runs: Path, out: Path) -> dict[tuple[str, int], str]:
     return {(r["metadata"]["session_id"], r["metadata"]["turns"][-1]): json.loads(r["output"])["button"] for r in rows}
 
 
+@pytest.mark.slow  # starts the stand-in as a child process
 def test_harness_plays_over_http_and_the_recording_converts_to_the_pressed_buttons(server, tmp_path):
     with SkyEmuEnv(server.url, goal=GOAL, max_steps=12) as env:
         episodes = play(env, RandomPolicy(seed=3), 2, seed=0, runs_dir=tmp_path / "runs")
     assert [e.steps for e in episodes] == [12, 12] and all(e.truncated for e in episodes)
     labels = converted_labels(tmp_path / "runs", tmp_path / "out")
     for e in episodes:
-        sid = Path(e.session_dir).name[len("session_"):]
+        sid = Path(e.session_dir).name[len("session_") :]
         assert {t: labels[(sid, t)] for t in range(4, 13)} == {t: e.pressed[t - 1] for t in range(4, 13)}
     row = json.loads((tmp_path / "out" / "pokemon_4frame_dataset_full.jsonl").open().readline())
     assert row["context"] == f"Goal: {GOAL}"
@@ -104,6 +108,7 @@ class KillsTheEmulator(RandomPolicy):
         return super().act(frames, context, info)
 
 
+@pytest.mark.slow  # starts the stand-in as a child process
 def test_emulator_killed_mid_run_gives_a_one_line_error_and_a_valid_partial_recording(tmp_path):
     srv = standin(tmp_path, seed=2).wait_ready()
     try:
@@ -120,8 +125,9 @@ def test_emulator_killed_mid_run_gives_a_one_line_error_and_a_valid_partial_reco
     assert len(data["turns"]) == 7 and data["session_metadata"]["status"] == "error"
     labels = converted_labels(tmp_path / "runs", tmp_path / "out")
     assert len(labels) == 4  # windows ending at turns 4..7
-    assert [labels[(data["session_id"], t)] for t in range(4, 8)] == \
-        [data["turns"][t - 1]["button_presses"][0] for t in range(4, 8)]
+    assert [labels[(data["session_id"], t)] for t in range(4, 8)] == [
+        data["turns"][t - 1]["button_presses"][0] for t in range(4, 8)
+    ]
 
 
 class Misbehaving(BaseHTTPRequestHandler):
@@ -131,8 +137,12 @@ class Misbehaving(BaseHTTPRequestHandler):
         path = self.path.split("?")[0]
         if path == "/step":
             time.sleep(1.0)
-        status, body = {"/ping": (200, b"nope"), "/screen": (200, b"<html>hello</html>"),
-                        "/status": (200, b"[1, 2]"), "/input": (500, b"boom")}.get(path, (200, b"ok"))
+        status, body = {
+            "/ping": (200, b"nope"),
+            "/screen": (200, b"<html>hello</html>"),
+            "/status": (200, b"[1, 2]"),
+            "/input": (500, b"boom"),
+        }.get(path, (200, b"ok"))
         try:
             self.send_response(status)
             self.send_header("Content-Type", "text/html" if path == "/screen" else "text/plain")
@@ -184,6 +194,7 @@ def test_errors_name_the_url_and_say_what_went_wrong(misbehaving):
         client.press("jump")
 
 
+@pytest.mark.slow  # starts the stand-in as a child process
 def test_skyemu_env_shape_follows_the_screen(server):
     with SkyEmuEnv(server.url, max_steps=2) as env:
         assert env.observation_space.shape == (160, 240, 3) and env.action_space.n == 8

@@ -4,7 +4,9 @@ loop, recording played sessions as Eevee v1 runs, and play reports. Importing th
 
 import gymnasium as gym
 
-for _id, _entry in (("pokemon_gemma/DemoWorld-v0", "pokemon_gemma.play.env:DemoWorldEnv"),
-                    ("pokemon_gemma/SkyEmu-v0", "pokemon_gemma.play.skyemu:SkyEmuEnv")):
+for _id, _entry in (
+    ("pokemon_gemma/DemoWorld-v0", "pokemon_gemma.play.env:DemoWorldEnv"),
+    ("pokemon_gemma/SkyEmu-v0", "pokemon_gemma.play.skyemu:SkyEmuEnv"),
+):
     if _id not in gym.registry:
         gym.register(id=_id, entry_point=_entry)

@@ -63,7 +63,7 @@ class WorldState:
     """Everything that changes during an episode; deep-copied to simulate the expert."""
 
     scene: Scene
-    goal_rng: random.Random   # the current goal's dialogue and the placing of the next goal
+    goal_rng: random.Random  # the current goal's dialogue and the placing of the next goal
     noise_rng: random.Random  # unrelated message boxes
     goals_done: int = 0
     goal_steps: int = 0
@@ -83,9 +83,17 @@ class DemoWorldEnv(gym.Env):
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 4}
 
-    def __init__(self, render_mode: str | None = None, goals_per_episode: int = 3, max_steps: int = 120,
-                 world_size: int = 12, paths: int = 0, question_rate: float = 0.7, dialogue_rate: float = 0.0,
-                 grid_lines: bool = False):
+    def __init__(
+        self,
+        render_mode: str | None = None,
+        goals_per_episode: int = 3,
+        max_steps: int = 120,
+        world_size: int = 12,
+        paths: int = 0,
+        question_rate: float = 0.7,
+        dialogue_rate: float = 0.0,
+        grid_lines: bool = False,
+    ):
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
         if goals_per_episode < 1 or max_steps < 1 or world_size < GRID:

@@ -28,8 +28,17 @@ from .policies import Policy
 from .record import SessionRecorder, session_name
 
 STUCK_RUN = 8  # presses in a row that leave the frame unchanged count as stuck from this length on
-INFO_TO_RECORD = ("expert_button", "optimal_steps", "goals_done", "goal_steps", "player", "facing", "goal",
-                  "goal_visible", "dialogue")
+INFO_TO_RECORD = (
+    "expert_button",
+    "optimal_steps",
+    "goals_done",
+    "goal_steps",
+    "player",
+    "facing",
+    "goal",
+    "goal_visible",
+    "dialogue",
+)
 
 
 @dataclass
@@ -37,11 +46,11 @@ class EpisodeStats:
     policy: str
     episode: int
     seed: int | None
-    goals_target: int | None = None     # goals that end the episode (None: the env has no goals)
+    goals_target: int | None = None  # goals that end the episode (None: the env has no goals)
     steps: int = 0
     goals_done: int = 0
-    goal_steps: list[int] = field(default_factory=list)     # presses spent on each completed goal
-    goal_optimal: list[int] = field(default_factory=list)   # the expert's presses for it, from its start state
+    goal_steps: list[int] = field(default_factory=list)  # presses spent on each completed goal
+    goal_optimal: list[int] = field(default_factory=list)  # the expert's presses for it, from its start state
     stuck_steps: int = 0
     buttons: dict[str, int] = field(default_factory=dict)
     expert_agreement: float | None = None  # share of presses equal to the expert's (demo world)
@@ -76,8 +85,12 @@ class EpisodeStats:
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if k != "frames"}
-        out.update(success=self.success, steps_per_goal=self.steps_per_goal, steps_ratio=self.steps_ratio,
-                   stuck_rate=self.stuck_rate)
+        out.update(
+            success=self.success,
+            steps_per_goal=self.steps_per_goal,
+            steps_ratio=self.steps_ratio,
+            stuck_rate=self.stuck_rate,
+        )
         return out
 
 
@@ -114,8 +127,15 @@ def _ask(policy: Policy, frames: list[np.ndarray], context: str, info: dict, sta
     return None
 
 
-def play_episode(env, policy: Policy, *, seed: int | None = None, episode: int = 0,
-                 runs_dir: str | Path | None = None, keep_frames: bool = False) -> EpisodeStats:
+def play_episode(
+    env,
+    policy: Policy,
+    *,
+    seed: int | None = None,
+    episode: int = 0,
+    runs_dir: str | Path | None = None,
+    keep_frames: bool = False,
+) -> EpisodeStats:
     """One episode until terminated/truncated, Ctrl-C, or a second invalid answer; recorded under
     `runs_dir` (an Eevee runs/ folder) when given."""
     policy.reset(seed)
@@ -126,9 +146,12 @@ def play_episode(env, policy: Policy, *, seed: int | None = None, episode: int =
     recorder = None
     if runs_dir is not None:
         recorder = SessionRecorder(
-            runs_dir, session_name(f"{policy.name}_e{episode:03d}"), info.get("goal_sentence", ""),
+            runs_dir,
+            session_name(f"{policy.name}_e{episode:03d}"),
+            info.get("goal_sentence", ""),
             vision="expert_button" in info,  # the demo world: the demo's fixed vision analysis, like its sessions
-            meta={"policy": policy.name, "episode": episode, "seed": seed, "env": type(base).__name__})
+            meta={"policy": policy.name, "episode": episode, "seed": seed, "env": type(base).__name__},
+        )
     window = deque([obs] * FRAMES_PER_SAMPLE, maxlen=FRAMES_PER_SAMPLE)
     buttons: Counter = Counter()
     unchanged_run, last, status = 0, None, "completed"
@@ -150,11 +173,20 @@ def play_episode(env, policy: Policy, *, seed: int | None = None, episode: int =
                 if stats.frames is not None:
                     stats.frames.append(obs)
                 if recorder is not None:
-                    play = {"policy": policy.name, "episode": episode, "step": stats.steps,
-                            "latency_s": round(stats.latencies_s[-1], 4),
-                            **{k: info[k] for k in INFO_TO_RECORD if k in info}}
-                    recorder.add_turn(obs, button, reasoning=getattr(policy, "last_reasoning", "") or "",
-                                      context_detected=info.get("scene_context"), play=play)
+                    play = {
+                        "policy": policy.name,
+                        "episode": episode,
+                        "step": stats.steps,
+                        "latency_s": round(stats.latencies_s[-1], 4),
+                        **{k: info[k] for k in INFO_TO_RECORD if k in info},
+                    }
+                    recorder.add_turn(
+                        obs,
+                        button,
+                        reasoning=getattr(policy, "last_reasoning", "") or "",
+                        context_detected=info.get("scene_context"),
+                        play=play,
+                    )
                 unchanged_run = unchanged_run + 1 if np.array_equal(new_obs, obs) else 0
                 if unchanged_run == STUCK_RUN:  # the run is long enough: all its presses count
                     stats.stuck_steps += STUCK_RUN
@@ -191,14 +223,28 @@ def play_episode(env, policy: Policy, *, seed: int | None = None, episode: int =
     return stats
 
 
-def play(env, policy: Policy, episodes: int, *, seed: int | None = 0, runs_dir: str | Path | None = None,
-         keep_frames: int = 0, on_episode: Callable[[EpisodeStats], None] | None = None) -> list[EpisodeStats]:
+def play(
+    env,
+    policy: Policy,
+    episodes: int,
+    *,
+    seed: int | None = 0,
+    runs_dir: str | Path | None = None,
+    keep_frames: int = 0,
+    on_episode: Callable[[EpisodeStats], None] | None = None,
+) -> list[EpisodeStats]:
     """`episodes` episodes (seeds seed, seed+1, ...); frames kept for the first `keep_frames` (GIFs).
     Stops early, returning what was played, after a Ctrl-C."""
     results = []
     for i in range(episodes):
-        stats = play_episode(env, policy, seed=None if seed is None else seed + i, episode=i, runs_dir=runs_dir,
-                             keep_frames=i < keep_frames)
+        stats = play_episode(
+            env,
+            policy,
+            seed=None if seed is None else seed + i,
+            episode=i,
+            runs_dir=runs_dir,
+            keep_frames=i < keep_frames,
+        )
         results.append(stats)
         if on_episode is not None:
             on_episode(stats)

@@ -50,8 +50,10 @@ class ExpertPolicy(Policy):
     def act(self, frames, context, info):
         button = info.get("expert_button")
         if button is None:
-            raise PolicyError("the expert policy needs the demo world's info['expert_button'] "
-                              "(use it with pokemon_gemma/DemoWorld-v0, not the emulator)")
+            raise PolicyError(
+                "the expert policy needs the demo world's info['expert_button'] "
+                "(use it with pokemon_gemma/DemoWorld-v0, not the emulator)"
+            )
         return button
 
 
@@ -129,5 +131,13 @@ def make_policy(name: str, **kwargs) -> Policy:
     return POLICIES[name](**kwargs)
 
 
-__all__ = ["POLICIES", "ExpertPolicy", "MajorityPolicy", "Policy", "PolicyError", "RandomPolicy",
-           "RepeatLastPolicy", "make_policy"]
+__all__ = [
+    "POLICIES",
+    "ExpertPolicy",
+    "MajorityPolicy",
+    "Policy",
+    "PolicyError",
+    "RandomPolicy",
+    "RepeatLastPolicy",
+    "make_policy",
+]

@@ -40,8 +40,16 @@ class SessionRecorder:
     The folder is created at the first turn (never an empty session); an existing folder is never
     overwritten: the id gets a `-2`, `-3`... suffix."""
 
-    def __init__(self, runs_dir: str | Path, session_id: str, goal: str, *, vision: bool = False,
-                 meta: dict | None = None, started: datetime | None = None):
+    def __init__(
+        self,
+        runs_dir: str | Path,
+        session_id: str,
+        goal: str,
+        *,
+        vision: bool = False,
+        meta: dict | None = None,
+        started: datetime | None = None,
+    ):
         self.runs_dir, self.session_id, self.goal = Path(runs_dir), session_id, goal
         self.visual = VISUAL_ANALYSIS if vision else None
         self.meta = meta or {}
@@ -50,20 +58,40 @@ class SessionRecorder:
         self.turns: list[dict] = []
         self.enhanced: list[dict] = []
 
-    def add_turn(self, frame: np.ndarray, button: str, *, reasoning: str = "", observations: str = "",
-                 context_detected: str | None = None, play: dict | None = None,
-                 pressed_at: datetime | None = None) -> Path:
+    def add_turn(
+        self,
+        frame: np.ndarray,
+        button: str,
+        *,
+        reasoning: str = "",
+        observations: str = "",
+        context_detected: str | None = None,
+        play: dict | None = None,
+        pressed_at: datetime | None = None,
+    ) -> Path:
         """Record that `button` was pressed on `frame`; returns the frame file."""
         if self.dir is None:
             self.dir = self._make_dir()
         number = len(self.turns) + 1
         now = datetime.now()
-        turn, enhanced = turn_json(number, button, reasoning, observations, context_detected, self.goal, now,
-                                   pressed_at or now, extra={"play": play} if play else None, visual=self.visual)
+        turn, enhanced = turn_json(
+            number,
+            button,
+            reasoning,
+            observations,
+            context_detected,
+            self.goal,
+            now,
+            pressed_at or now,
+            extra={"play": play} if play else None,
+            visual=self.visual,
+        )
         frame_path = atomic_write_bytes(self.dir / "sshots" / f"step_{number:04d}_grid.png", png_bytes(frame))
         if turn["visual_analysis"] is not None:
-            atomic_write_text(self.dir / f"step_{number:04d}_visual_analysis.txt",
-                              visual_analysis_text(number, turn["visual_analysis"]["raw_pixtral_response"]))
+            atomic_write_text(
+                self.dir / f"step_{number:04d}_visual_analysis.txt",
+                visual_analysis_text(number, turn["visual_analysis"]["raw_pixtral_response"]),
+            )
         self.turns.append(turn)
         self.enhanced.append(enhanced)
         self._write("running")

@@ -58,8 +58,9 @@ def summarize(episodes: list[EpisodeStats]) -> dict[str, Any]:
     }
 
 
-def gif_bytes(frames: list[np.ndarray], pressed: list[str], expert: list[str] | None = None,
-              duration_ms: int = 300) -> bytes:
+def gif_bytes(
+    frames: list[np.ndarray], pressed: list[str], expert: list[str] | None = None, duration_ms: int = 300
+) -> bytes:
     """An animated GIF: each frame with the button pressed on it written underneath (and the expert's
     when it differs); the last frame (after the last press) says `end`."""
     images = []
@@ -91,20 +92,30 @@ def _fmt(value: Any, pct: bool = False) -> str:
 def report_markdown(summaries: dict[str, dict], meta: dict[str, Any]) -> str:
     lines = ["# Play report", ""]
     lines += [f"- {k}: {v}" for k, v in meta.items()] + [""]
-    header = ("| policy | episodes | success | episode success | steps/goal | steps ratio | stuck | expert agreement "
-              "| invalid | errors | latency p50 / p95 ms |")
+    header = (
+        "| policy | episodes | success | episode success | steps/goal | steps ratio | stuck | expert agreement "
+        "| invalid | errors | latency p50 / p95 ms |"
+    )
     lines += [header, "|---" * 11 + "|"]
     for name, s in summaries.items():
-        lines.append(f"| {name} | {s['episodes']} | {_fmt(s['success_rate'], True)} | "
-                     f"{_fmt(s['episode_success_rate'], True)} | {_fmt(s['steps_per_goal'])} | "
-                     f"{_fmt(s['steps_ratio'])} | {_fmt(s['stuck_rate'], True)} | "
-                     f"{_fmt(s['expert_agreement'], True)} | {s['invalid_answers']} | {s['errors']} | "
-                     f"{_fmt(s['latency_ms_p50'])} / {_fmt(s['latency_ms_p95'])} |")
+        lines.append(
+            f"| {name} | {s['episodes']} | {_fmt(s['success_rate'], True)} | "
+            f"{_fmt(s['episode_success_rate'], True)} | {_fmt(s['steps_per_goal'])} | "
+            f"{_fmt(s['steps_ratio'])} | {_fmt(s['stuck_rate'], True)} | "
+            f"{_fmt(s['expert_agreement'], True)} | {s['invalid_answers']} | {s['errors']} | "
+            f"{_fmt(s['latency_ms_p50'])} / {_fmt(s['latency_ms_p95'])} |"
+        )
     lines += ["", "Buttons pressed:", "", "| policy | " + " | ".join(BUTTONS) + " |", "|---" * (len(BUTTONS) + 1) + "|"]
     for name, s in summaries.items():
         lines.append(f"| {name} | " + " | ".join(str(s["buttons"][b]) for b in BUTTONS) + " |")
-    lines += ["", ("success = goals done / (episodes x goals per episode); steps ratio = presses / the expert's "
-                   "presses on completed goals; stuck = presses in runs of >= 8 that left the frame unchanged."), ""]
+    lines += [
+        "",
+        (
+            "success = goals done / (episodes x goals per episode); steps ratio = presses / the expert's "
+            "presses on completed goals; stuck = presses in runs of >= 8 that left the frame unchanged."
+        ),
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -112,8 +123,11 @@ def report_png(summaries: dict[str, dict], path: str | Path) -> Path:
     names = list(summaries)
     x = np.arange(len(names))
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
-    panels = [("success_rate", "success rate (goals)", axes[0, 0]),
-              ("steps_ratio", "steps ratio (1 = expert)", axes[0, 1]), ("stuck_rate", "stuck rate", axes[1, 0])]
+    panels = [
+        ("success_rate", "success rate (goals)", axes[0, 0]),
+        ("steps_ratio", "steps ratio (1 = expert)", axes[0, 1]),
+        ("stuck_rate", "stuck rate", axes[1, 0]),
+    ]
     for key, title, ax in panels:
         values = [summaries[n][key] for n in names]
         ax.bar(x, [v or 0.0 for v in values], color="tab:blue")
@@ -133,8 +147,13 @@ def report_png(summaries: dict[str, dict], path: str | Path) -> Path:
     return _save(fig, path)
 
 
-def write_report(results: dict[str, list[EpisodeStats]], out_dir: str | Path, *, gif_episodes: int = 2,
-                 meta: dict[str, Any] | None = None) -> dict[str, Any]:
+def write_report(
+    results: dict[str, list[EpisodeStats]],
+    out_dir: str | Path,
+    *,
+    gif_episodes: int = 2,
+    meta: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """play_report.{json,md,png} and gifs/<policy>_e<NNN>.gif (episodes that kept their frames, the first
     `gif_episodes` per policy) under `out_dir`; returns the JSON object."""
     out = Path(out_dir)
@@ -146,8 +165,12 @@ def write_report(results: dict[str, list[EpisodeStats]], out_dir: str | Path, *,
             gif = out / "gifs" / f"{name}_e{e.episode:03d}.gif"
             atomic_write_bytes(gif, gif_bytes(e.frames, e.pressed, e.expert))
             gifs.append(str(gif.relative_to(out)))
-    report = {"meta": meta, "policies": summaries, "gifs": gifs,
-              "episodes": {name: [e.to_dict() for e in episodes] for name, episodes in results.items()}}
+    report = {
+        "meta": meta,
+        "policies": summaries,
+        "gifs": gifs,
+        "episodes": {name: [e.to_dict() for e in episodes] for name, episodes in results.items()},
+    }
     atomic_write_json(out / "play_report.json", report)
     atomic_write_text(out / "play_report.md", report_markdown(summaries, meta))
     report_png(summaries, out / "play_report.png")

@@ -26,9 +26,17 @@ from ..convert import PNG_SIGNATURE
 from ..dataset import BUTTONS
 from .env import goal_context
 
-SKYEMU_KEYS = {"up": "Up", "down": "Down", "left": "Left", "right": "Right", "a": "A", "b": "B",
-               "start": "Start", "select": "Select"}
-HOLD_FRAMES = 12     # Eevee holds a key 0.2 s (key_delay) = 12 frames at 60 fps
+SKYEMU_KEYS = {
+    "up": "Up",
+    "down": "Down",
+    "left": "Left",
+    "right": "Right",
+    "a": "A",
+    "b": "B",
+    "start": "Start",
+    "select": "Select",
+}
+HOLD_FRAMES = 12  # Eevee holds a key 0.2 s (key_delay) = 12 frames at 60 fps
 RELEASE_FRAMES = 12  # and waits 0.2 s before the next press
 DEFAULT_URL = "http://127.0.0.1:8080"
 FIX_UNREACHABLE = "start SkyEmu with the HTTP Control Server enabled on that port, or pass its URL"
@@ -41,8 +49,15 @@ class SkyEmuError(RuntimeError):
 class SkyEmuClient:
     """`client.press("up"); frame = client.screen()` against a running SkyEmu (or the stand-in)."""
 
-    def __init__(self, url: str = DEFAULT_URL, timeout_s: float = 5.0, retries: int = 3, backoff_s: float = 0.1,
-                 hold_frames: int = HOLD_FRAMES, release_frames: int = RELEASE_FRAMES):
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        timeout_s: float = 5.0,
+        retries: int = 3,
+        backoff_s: float = 0.1,
+        hold_frames: int = HOLD_FRAMES,
+        release_frames: int = RELEASE_FRAMES,
+    ):
         self.url = url.rstrip("/")
         self.retries, self.backoff_s = max(1, retries), backoff_s
         self.hold_frames, self.release_frames = hold_frames, release_frames
@@ -69,15 +84,19 @@ class SkyEmuClient:
         except ValueError:
             data = None
         if not isinstance(data, dict):
-            raise SkyEmuError(f"bad answer from {response.request.url}: not a JSON object ({_snippet(response)}) "
-                              f"(is SkyEmu's HTTP Control Server on that port?)")
+            raise SkyEmuError(
+                f"bad answer from {response.request.url}: not a JSON object ({_snippet(response)}) "
+                f"(is SkyEmu's HTTP Control Server on that port?)"
+            )
         return data
 
     def screen_png(self) -> bytes:
         response = self._get("/screen", {"format": "png"})
         if not response.content.startswith(PNG_SIGNATURE):
-            raise SkyEmuError(f"non-PNG screen from {response.request.url}: {len(response.content)} bytes "
-                              f"({_snippet(response)}) (is a ROM loaded? is this SkyEmu?)")
+            raise SkyEmuError(
+                f"non-PNG screen from {response.request.url}: {len(response.content)} bytes "
+                f"({_snippet(response)}) (is a ROM loaded? is this SkyEmu?)"
+            )
         return response.content
 
     def screen(self) -> np.ndarray:
@@ -87,8 +106,10 @@ class SkyEmuClient:
             with Image.open(io.BytesIO(data)) as image:
                 return np.asarray(image.convert("RGB"))
         except OSError as exc:
-            raise SkyEmuError(f"non-PNG screen from {self.url}/screen?format=png: does not decode ({exc}) "
-                              f"(is a ROM loaded? is this SkyEmu?)") from None
+            raise SkyEmuError(
+                f"non-PNG screen from {self.url}/screen?format=png: does not decode ({exc}) "
+                f"(is a ROM loaded? is this SkyEmu?)"
+            ) from None
 
     def set_input(self, keys: dict[str, int]) -> None:
         """Hold (1) or release (0) inputs by SkyEmu name, e.g. {"A": 1}; they stay until set again."""
@@ -129,8 +150,10 @@ class SkyEmuClient:
                 error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 continue
             if response.status_code != 200:
-                raise SkyEmuError(f"bad answer from {url}: HTTP {response.status_code} ({_snippet(response)}) "
-                                  f"(an older SkyEmu, or another server on that port?)")
+                raise SkyEmuError(
+                    f"bad answer from {url}: HTTP {response.status_code} ({_snippet(response)}) "
+                    f"(an older SkyEmu, or another server on that port?)"
+                )
             return response
         tries = f"{attempt + 1} {'try' if attempt == 0 else 'tries'}"
         raise SkyEmuError(f"SkyEmu unreachable at {url} after {tries} ({error}) ({FIX_UNREACHABLE})")
@@ -138,8 +161,10 @@ class SkyEmuClient:
     def _expect(self, path: str, params: dict | None, answer: str, idempotent: bool = True) -> None:
         response = self._get(path, params, idempotent)
         if response.text.strip() != answer:
-            raise SkyEmuError(f"bad answer from {response.request.url}: expected {answer!r}, got {_snippet(response)} "
-                              f"(is SkyEmu's HTTP Control Server on that port?)")
+            raise SkyEmuError(
+                f"bad answer from {response.request.url}: expected {answer!r}, got {_snippet(response)} "
+                f"(is SkyEmu's HTTP Control Server on that port?)"
+            )
 
 
 def _snippet(response: httpx.Response, n: int = 60) -> str:
@@ -157,8 +182,16 @@ class SkyEmuEnv(gym.Env):
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 4}
 
-    def __init__(self, url: str = DEFAULT_URL, goal: str = "", max_steps: int = 120, state_path: str | None = None,
-                 render_mode: str | None = None, client: SkyEmuClient | None = None, **client_kwargs):
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        goal: str = "",
+        max_steps: int = 120,
+        state_path: str | None = None,
+        render_mode: str | None = None,
+        client: SkyEmuClient | None = None,
+        **client_kwargs,
+    ):
         self.client = client or SkyEmuClient(url, **client_kwargs)
         self.goal_sentence, self.max_steps, self.state_path = goal, max_steps, state_path
         self.render_mode = render_mode
@@ -195,8 +228,12 @@ class SkyEmuEnv(gym.Env):
         self.client.close()
 
     def _info(self, button: str | None) -> dict:
-        return {"step": self._step, "button": button, "goal_sentence": self.goal_sentence,
-                "context": goal_context(self.goal_sentence)}
+        return {
+            "step": self._step,
+            "button": button,
+            "goal_sentence": self.goal_sentence,
+            "context": goal_context(self.goal_sentence),
+        }
 
 
 __all__ = ["DEFAULT_URL", "HOLD_FRAMES", "RELEASE_FRAMES", "SKYEMU_KEYS", "SkyEmuClient", "SkyEmuEnv", "SkyEmuError"]

@@ -28,8 +28,25 @@ from .skyemu import SKYEMU_KEYS
 
 KEY_TO_BUTTON = {key: button for button, key in SKYEMU_KEYS.items()}
 # The inputs SkyEmu lists in /status (its docs' example), all released at start.
-STATUS_INPUTS = ("A", "B", "X", "Y", "Up", "Down", "Left", "Right", "L", "R", "Start", "Select",
-                 "Capture State 0", "Restore State 0", "Reset Game", "Turbo A", "Turbo B")
+STATUS_INPUTS = (
+    "A",
+    "B",
+    "X",
+    "Y",
+    "Up",
+    "Down",
+    "Left",
+    "Right",
+    "L",
+    "R",
+    "Start",
+    "Select",
+    "Capture State 0",
+    "Restore State 0",
+    "Reset Game",
+    "Turbo A",
+    "Turbo B",
+)
 IMAGE_FORMATS = {"png": "image/png", "jpg": "image/jpeg", "bmp": "image/bmp"}
 
 
@@ -99,10 +116,17 @@ class StandIn:
             "rom-path": f"demo-world:seed={self.seed}",
             "save-path": "",
             "inputs": dict(self.inputs),
-            "demo": {"seed": self.seed, "presses": self.presses, "frames": self.frames,
-                     "goals_done": info["goals_done"], "terminated": info["goals_done"] >= self.goals,
-                     "expert_button": info["expert_button"], "player": info["player"], "goal": info["goal"],
-                     "goal_sentence": info["goal_sentence"]},
+            "demo": {
+                "seed": self.seed,
+                "presses": self.presses,
+                "frames": self.frames,
+                "goals_done": info["goals_done"],
+                "terminated": info["goals_done"] >= self.goals,
+                "expert_button": info["expert_button"],
+                "player": info["player"],
+                "goal": info["goal"],
+                "goal_sentence": info["goal_sentence"],
+            },
         }
 
 
