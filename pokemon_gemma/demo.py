@@ -564,6 +564,89 @@ def _iso(ts: datetime) -> str:
     return ts.isoformat(timespec="microseconds")
 
 
+def turn_json(
+    number: int,
+    button: str,
+    reasoning: str,
+    observations: str,
+    context_detected: str | None,
+    goal: str,
+    now: datetime,
+    executed: datetime,
+    extra: dict | None = None,
+    visual: dict | None = VISUAL_ANALYSIS,
+) -> tuple[dict, dict]:
+    """(turns[] entry, enhanced_turns[] entry) of one turn whose decision is `button`, in the V3 writer's
+    shape; `extra` keys join the decision (real decisions carry extras too), `visual=None` = no vision."""
+    parsed = {
+        "button_presses": [button],
+        "reasoning": reasoning,
+        "observations": observations,
+        "context_detected": context_detected,
+        "confidence": "high",
+        **(extra or {}),
+    }
+    va = None
+    if visual is not None:
+        va = {"raw_pixtral_response": "```json\n" + json.dumps(visual, indent=2) + "\n```", **visual}
+    turn = {
+        "turn": number,
+        "timestamp": _iso(now),
+        "ai_analysis": {
+            "parsed_json": parsed,
+            "raw_text": "```json\n" + json.dumps(parsed, indent=2) + "\n```",
+            "parsing_success": True,
+        },
+        "button_presses": [button],
+        "action_result": True,
+        "screenshot_path": f"screenshot_{number}.png",
+        "execution_time": _iso(executed),
+        "template_used": TEMPLATE[0],
+        "template_version": TEMPLATE[1],
+        "visual_analysis": va,
+        "strategic_context": None,
+        "memory_context": None,
+    }
+    values = {
+        "turn_number": number,
+        "timestamp": _iso(now),
+        "movement_data": None if visual is None else dict(visual),
+        "template_selected": TEMPLATE[0],
+        "template_version": TEMPLATE[1],
+        "final_button_presses": [button],
+        "action_result": True,
+        "execution_time": _iso(executed),
+        "session_goal": goal,
+        "turn_success": True,
+        "include_in_fine_tuning": True,
+    }
+    return turn, {k: values.get(k) for k in TURN_DATA_KEYS}
+
+
+def session_data(
+    session_id: str, goal: str, start: datetime, turns: list[dict], enhanced: list[dict], status: str = "running"
+) -> dict:
+    """The session_data.json object around already built turns (V3 top-level keys, in order)."""
+    n = len(turns)
+    start_iso = _iso(start)
+    return {
+        "session_metadata": {
+            "session_id": session_id,
+            "goal": goal,
+            "start_time": start_iso,
+            "status": status,
+            "total_turns": n,
+            "successful_turns": n,
+            "fine_tuning_eligible": max(0, n - 3),
+        },
+        "session_id": session_id,
+        "goal": goal,
+        "start_time": start_iso,
+        "turns": turns,
+        "enhanced_turns": enhanced,
+    }
+
+
 def session_json(session: DemoSession) -> tuple[dict, list[dict]]:
     """(session_data.json object, per-turn visual analysis dicts) in the V3 writer's shape."""
     rng = random.Random(f"timestamps:{session.session_id}")
@@ -571,66 +654,19 @@ def session_json(session: DemoSession) -> tuple[dict, list[dict]]:
     for turn in session.turns:
         now = now + timedelta(seconds=10 + rng.uniform(-1.5, 1.5))  # LLM turns are ~10 s apart
         executed = now - timedelta(seconds=rng.uniform(0.2, 1.5))
-        parsed = {
-            "button_presses": [turn.button],
-            "reasoning": turn.reasoning,
-            "observations": turn.observations,
-            "context_detected": turn.context_detected,
-            "confidence": "high",
-        }
-        va_raw = "```json\n" + json.dumps(VISUAL_ANALYSIS, indent=2) + "\n```"
-        turns.append(
-            {
-                "turn": turn.turn,
-                "timestamp": _iso(now),
-                "ai_analysis": {
-                    "parsed_json": parsed,
-                    "raw_text": "```json\n" + json.dumps(parsed, indent=2) + "\n```",
-                    "parsing_success": True,
-                },
-                "button_presses": [turn.button],
-                "action_result": True,
-                "screenshot_path": f"screenshot_{turn.turn}.png",
-                "execution_time": _iso(executed),
-                "template_used": TEMPLATE[0],
-                "template_version": TEMPLATE[1],
-                "visual_analysis": {"raw_pixtral_response": va_raw, **VISUAL_ANALYSIS},
-                "strategic_context": None,
-                "memory_context": None,
-            }
+        entry, values = turn_json(
+            turn.turn,
+            turn.button,
+            turn.reasoning,
+            turn.observations,
+            turn.context_detected,
+            session.goal,
+            now,
+            executed,
         )
-        values = {
-            "turn_number": turn.turn,
-            "timestamp": _iso(now),
-            "movement_data": dict(VISUAL_ANALYSIS),
-            "template_selected": TEMPLATE[0],
-            "template_version": TEMPLATE[1],
-            "final_button_presses": [turn.button],
-            "action_result": True,
-            "execution_time": _iso(executed),
-            "session_goal": session.goal,
-            "turn_success": True,
-            "include_in_fine_tuning": True,
-        }
-        enhanced.append({k: values.get(k) for k in TURN_DATA_KEYS})
-    n = len(turns)
-    start = _iso(session.start)
-    data = {
-        "session_metadata": {
-            "session_id": session.session_id,
-            "goal": session.goal,
-            "start_time": start,
-            "status": "running",
-            "total_turns": n,
-            "successful_turns": n,
-            "fine_tuning_eligible": max(0, n - 3),
-        },
-        "session_id": session.session_id,
-        "goal": session.goal,
-        "start_time": start,
-        "turns": turns,
-        "enhanced_turns": enhanced,
-    }
+        turns.append(entry)
+        enhanced.append(values)
+    data = session_data(session.session_id, session.goal, session.start, turns, enhanced)
     return data, [t["visual_analysis"] for t in turns]
 
 
@@ -755,6 +791,8 @@ __all__ = [
     "place_goal",
     "generate_session",
     "session_json",
+    "turn_json",
+    "session_data",
     "write_session",
     "write_demo_sessions",
 ]
