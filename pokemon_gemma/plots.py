@@ -19,7 +19,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from .fileio import atomic_write_bytes  # noqa: E402
 
 
-def _save(fig, path: str | Path) -> Path:
+def save_png(fig, path: str | Path) -> Path:
+    """Render a figure to PNG in memory, close it, and write the file atomically."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -55,7 +56,7 @@ def confusion_matrix_png(
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title, fontsize=10)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def accuracy_by_context_png(
@@ -85,7 +86,7 @@ def accuracy_by_context_png(
     ax.set_ylabel("accuracy")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, loc="upper right")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def training_curves_png(rows: list[dict[str, Any]], path: str | Path, title: str = "Training") -> Path:
@@ -123,7 +124,7 @@ def training_curves_png(rows: list[dict[str, Any]], path: str | Path, title: str
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=11)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 class PlotError(ValueError):
@@ -190,7 +191,7 @@ def batch_size_png(
         if recommended:
             ax.axvline(recommended, color="#DD8452", lw=1.5, alpha=0.6)
     fig.suptitle(title + (f" — recommended batch {recommended}" if recommended else ""), fontsize=11)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def validation_png(
@@ -226,7 +227,7 @@ def validation_png(
     ax_len.legend(fontsize=8)
     ax_len.set_title("token budget", fontsize=10)
     fig.suptitle(title, fontsize=11)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def pipeline_accuracy_png(bars: list[tuple[str, float]], min_accuracy: float, name: str, path: str | Path) -> Path:
@@ -241,4 +242,4 @@ def pipeline_accuracy_png(bars: list[tuple[str, float]], min_accuracy: float, na
     ax.set_title(f"{name}: accuracy by stage")
     ax.legend(loc="lower right")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)

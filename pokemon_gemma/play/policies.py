@@ -13,15 +13,20 @@ the recorder writes it as the turn's reasoning.
 
 from __future__ import annotations
 
+import hashlib
 import random
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
-from ..dataset import BUTTONS, parse_output
+from ..backends.frame_cache import FrameCache
+from ..dataset import BUTTONS, QUESTION, parse_output
+from ..errors import first_line
 from ..fileio import iter_jsonl
 
 
@@ -115,11 +120,97 @@ class MajorityPolicy(Policy):
         return self.button
 
 
+def frame_key(frame: np.ndarray) -> str:
+    """A frame's identity for the feature cache (the window slides by one frame per press)."""
+    return hashlib.blake2b(np.ascontiguousarray(frame).tobytes(), digest_size=16).hexdigest()
+
+
+class ModelPolicy(Policy):
+    """A model through the backend layer (any folder evaluate.py accepts: adapter, merged, full
+    fine-tune, MLX): the most likely of the 8 full answers. Per-frame vision features are cached, so
+    each press runs the vision tower on the one new frame only (as the server's session cache does)."""
+
+    name = "model"
+
+    def __init__(self, backend, question: str = QUESTION, cache_frames: int = 16):
+        self.backend, self.question = backend, question
+        self.cache = FrameCache(cache_frames if backend.supports_features else 0)
+
+    @classmethod
+    def load(cls, model_path: str, **backend_kwargs) -> ModelPolicy:
+        from ..backends import BackendError, load_backend
+
+        try:
+            return cls(load_backend(model_path, **backend_kwargs))
+        except BackendError as exc:
+            raise PolicyError(str(exc)) from None
+
+    def reset(self, seed=None):
+        self.cache = FrameCache(self.cache.max_frames)
+
+    def _features(self, images: list[Image.Image], frames: list[np.ndarray]) -> list[Any] | None:
+        if not self.cache.enabled:
+            return None
+        keys = [frame_key(f) for f in frames]
+        missing = {k: im for k, im in zip(keys, images) if self.cache.get(k) is None}
+        for key, feature in zip(missing, self.backend.encode_frames(list(missing.values())) if missing else []):
+            self.cache.put(key, feature)
+        return [self.cache.get(k) for k in keys]
+
+    def act(self, frames, context, info):
+        images = [Image.fromarray(f) for f in frames]
+        context = self.backend.fit_context(context, self.question)
+        scores = self.backend.score(images, context, self.question, features=self._features(images, frames))
+        self.last_reasoning = f"p({scores.button})={scores.probabilities[scores.button]:.3f}"
+        return scores.button
+
+
+class ServerPolicy(Policy):
+    """Our inference server over HTTP (POST /v1/predict, score mode) with a `session_id` per episode,
+    so the server's frame cache is used. A 4xx/5xx answer is returned as an invalid answer (the loop
+    counts it and asks once more); an unreachable server is a one-line PolicyError naming the URL."""
+
+    name = "server"
+
+    def __init__(self, server_url: str, api_key: str | None = None, timeout_s: float = 120.0, question: str = QUESTION):
+        import httpx
+
+        from ..serve.client import auth_headers
+
+        self.url = server_url.rstrip("/") + "/v1/predict"
+        self.client = httpx.Client(timeout=timeout_s, headers=auth_headers(api_key))
+        self.question = question
+        self.session_id = None
+
+    def reset(self, seed=None):
+        self.session_id = f"play-{uuid.uuid4().hex[:12]}"
+
+    def act(self, frames, context, info):
+        import httpx
+
+        from ..serve.client import encode_image, predict_payload
+
+        payload = predict_payload(
+            [encode_image(Image.fromarray(f)) for f in frames], context=context, session_id=self.session_id
+        )
+        try:
+            response = self.client.post(self.url, json=payload)
+        except httpx.HTTPError as exc:
+            raise PolicyError(f"{self.url}: inference server unreachable ({first_line(exc)})") from None
+        if response.status_code != 200:
+            return f"HTTP {response.status_code}: {response.text[:120]}"
+        body = response.json()
+        self.last_reasoning = f"server {body.get('model_version', '')}".strip()
+        return body.get("button")
+
+
 POLICIES: dict[str, Callable[..., Policy]] = {
     "expert": ExpertPolicy,
     "random": RandomPolicy,
     "repeat_last": RepeatLastPolicy,
     "majority": MajorityPolicy.from_jsonl,
+    "model": ModelPolicy.load,
+    "server": ServerPolicy,
 }
 
 
@@ -135,9 +226,11 @@ __all__ = [
     "POLICIES",
     "ExpertPolicy",
     "MajorityPolicy",
+    "ModelPolicy",
     "Policy",
     "PolicyError",
     "RandomPolicy",
     "RepeatLastPolicy",
+    "ServerPolicy",
     "make_policy",
 ]

@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 
 from ..dataset import BUTTONS
 from ..fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
-from ..plots import _save, plt
+from ..plots import plt, save_png
 from .loop import EpisodeStats
 
 CAPTION_H = 18
@@ -144,7 +144,7 @@ def report_png(summaries: dict[str, dict], path: str | Path) -> Path:
     ax.set_title("buttons pressed (share)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def write_report(

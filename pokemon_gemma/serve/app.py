@@ -20,9 +20,9 @@ from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..backends import Backend
+from ..backends.frame_cache import FrameCache
 from ..dataset import QUESTION, make_output
 from ..scoring import ButtonScores, parse_generated
-from .frame_cache import FrameCache
 from .metrics import ServerMetrics
 from .validation import Frame, InferenceRequest, RequestError, parse_chat, parse_json, parse_predict
 from .worker import InferenceWorker, Result

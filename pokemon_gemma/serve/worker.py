@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..backends import Backend
-from .frame_cache import FrameCache
+from ..backends.frame_cache import FrameCache
 from .metrics import ServerMetrics
 from .validation import InferenceRequest, RequestError
 
