@@ -11,6 +11,7 @@ DEMO_DIR=${DEMO_DIR:-demo_output}
 SESSIONS=${DEMO_SESSIONS:-600}
 EPOCHS=${DEMO_EPOCHS:-3}
 PORT=${DEMO_PORT:-8765}
+PLAY_EPISODES=${DEMO_PLAY_EPISODES:-50}
 mkdir -p "$DEMO_DIR"
 TINY=$DEMO_DIR/tiny-gemma3 DATA=$DEMO_DIR/data RUN=$DEMO_DIR/run DEMO_ENV=$DEMO_DIR/demo.env
 START=$(date +%s)
@@ -55,6 +56,11 @@ $PY scripts/evaluate.py --model_name "$RUN" --dataset_path "$DATA/test.jsonl" --
     --output_dir "$DEMO_DIR/eval_blank" --blank_frames
 $PY scripts/evaluate.py --compare "$DEMO_DIR/eval" "$DEMO_DIR/eval_blank"
 
+stage "play: the trained model in control of the demo world, beside random, repeat-last and the expert"
+# 50 seeded episodes of 3 goals within 120 presses; every policy plays the same episodes.
+$PY scripts/play.py --model_path "$RUN" --policy model,random,repeat_last,expert --episodes "$PLAY_EPISODES" \
+    --max_steps 120 --goals_per_episode 3 --gif 3 --output_dir "$DEMO_DIR/play"
+
 stage "merge LoRA into the base and export to MLX"
 $PY scripts/merge_qlora.py --base_model "$TINY" --lora_path "$RUN" --output_path "$DEMO_DIR/merged" --dtype fp32 \
     --verify_data "$DATA/val.jsonl" --overwrite
@@ -79,9 +85,11 @@ stage "production pipeline: merge -> evaluate -> gate -> MLX -> evaluate -> regi
 $PY scripts/setup_wandb.py --validate
 # The gate: the model must beat the best trivial baseline (majority / repeat-last) on the held-out set.
 GATE=$($PY -c 'import json,sys; b=json.load(open(sys.argv[1]))["baselines"]; print(max(b["majority"]["accuracy"], b["repeat_last"]["accuracy"]))' "$DEMO_DIR/eval/eval_report.json")
+# The play gate: the model must finish more goals than the best trivial policy (random / repeat-last) did.
+PLAY_GATE=$($PY -c 'import json,sys; p=json.load(open(sys.argv[1]))["policies"]; print(max(p["random"]["success_rate"], p["repeat_last"]["success_rate"]))' "$DEMO_DIR/play/play_report.json")
 if ! $PY scripts/production_pipeline.py --checkpoint "$RUN" --eval_dataset "$DATA/test.jsonl" \
     --output_dir "$DEMO_DIR/pipeline" --registry_db "$DEMO_DIR/registry.db" --name pokemon-gemma-demo \
-    --min_accuracy "$GATE" --mlx_bits none --mlx_verify_samples 16 --serve --port "$PORT" --monitor_checks 3; then
+    --min_accuracy "$GATE" --min_play_success "$PLAY_GATE" --mlx_bits none --mlx_verify_samples 16 --serve --port "$PORT" --monitor_checks 3; then
   # A gate refusal is the pipeline doing its job; any other failed stage is a real error.
   FAILED=$($PY -c 'import json,sys; s=json.load(open(sys.argv[1])); print(next((k for k,v in s.get("stages",{}).items() if v.get("status")=="failed"), "?"))' "$DEMO_DIR/pipeline/pipeline_state.json")
   [ "$FAILED" = gate ] || { echo "error: production pipeline failed at stage $FAILED" >&2; exit 1; }
@@ -91,5 +99,6 @@ $PY scripts/model_registry.py --registry_db "$DEMO_DIR/registry.db" list
 
 stage "done"
 echo "evaluation:      $DEMO_DIR/eval/eval_report.md (black frames: $DEMO_DIR/eval_blank/eval_report.md)"
+echo "play:            $DEMO_DIR/play/play_report.md (GIFs in $DEMO_DIR/play/gifs/)"
 echo "training curves: $RUN/training_curves.png"
 echo "pipeline report: $DEMO_DIR/pipeline/pipeline_report.md"

@@ -56,6 +56,9 @@ class Settings:
     lora_alpha: int = _f(32, "LoRA alpha")
     lora_dropout: float = _f(0.05, "LoRA dropout")
     lora_targets: str = _f("language", "which projections get LoRA", ("language", "language+vision", "all-linear"))
+    init_adapter: str = _f(
+        "", "start from this LoRA adapter's weights (continue another run: its r/alpha/targets apply; new optimizer)"
+    )
     use_peft: bool = _f(True, "train a LoRA adapter (else full fine-tuning)")
     use_qlora: bool = _f(False, "4-bit nf4 base (QLoRA); needs bitsandbytes")
     gradient_checkpointing: bool = _f(False, "trade compute for memory")

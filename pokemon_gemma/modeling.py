@@ -96,15 +96,25 @@ def apply_lora(
     targets: str = "language",
     qlora: bool = False,
     gradient_checkpointing: bool = False,
+    init_adapter: str | None = None,
 ):
-    """Wrap the model in a LoRA adapter over the chosen projections."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    """Wrap the model in a LoRA adapter over the chosen projections; with `init_adapter`, the adapter
+    (config and weights) of an earlier run instead, trainable, to continue training it."""
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     if qlora:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    if init_adapter:
+        try:
+            return PeftModel.from_pretrained(model, init_adapter, is_trainable=True)
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            raise ModelLoadError(
+                f"--init_adapter {init_adapter}: {first_line(exc)} (pass a LoRA adapter folder "
+                "trained on this base model)"
+            ) from None
     lora = LoraConfig(
         r=r,
         lora_alpha=alpha,

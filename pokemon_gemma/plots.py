@@ -243,3 +243,20 @@ def pipeline_accuracy_png(bars: list[tuple[str, float]], min_accuracy: float, na
     ax.legend(loc="lower right")
     fig.tight_layout()
     return save_png(fig, path)
+
+
+def dagger_rounds_png(series: dict[str, list[tuple[int, float | None, float | None]]], path: str | Path) -> Path:
+    """Success rate and steps ratio per round, one line per chain (DAgger, equal-budget BC)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
+    for name, points in series.items():
+        rounds = [p[0] for p in points]
+        left.plot(rounds, [p[1] for p in points], marker="o", label=name)
+        right.plot(rounds, [p[2] if p[2] is not None else math.nan for p in points], marker="o", label=name)
+    left.set(title="goals done (success rate)", xlabel="round", ylim=(0, 1.05))
+    right.set(title="steps ratio (presses / expert's)", xlabel="round")
+    for ax in (left, right):
+        ax.set_xticks(sorted({p[0] for points in series.values() for p in points}))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    return save_png(fig, path)

@@ -53,6 +53,7 @@ TRAIN_FLAGS = [
     "lora_alpha",
     "lora_dropout",
     "lora_targets",
+    "init_adapter",
     "use_peft",
     "use_qlora",
     "gradient_checkpointing",
@@ -172,6 +173,7 @@ def build_model(s: Settings):
             targets=s.lora_targets,
             qlora=s.use_qlora,
             gradient_checkpointing=s.gradient_checkpointing,
+            init_adapter=s.init_adapter or None,
         )
     elif s.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -85,7 +85,8 @@ def test_gate_fail_resume_serve_promote_and_rerun_skips(inputs, tiny_model_dir, 
     merged_at = st["stages"]["merge"]["ended_at"]
     assert (inputs["out"] / "merged" / "merge_manifest.json").is_file()
     report = (inputs["out"] / "pipeline_report.md").read_text()
-    assert "| 3 | gate | failed |" in report and "| 6 | register | not reached |" in report
+    assert "| 4 | gate | failed |" in report and "| 7 | register | not reached |" in report
+    assert "| 3 | play | skipped |" in report  # no --min_play_success: no play stage
 
     # 2. A better production version exists: the gate stops again; that version stays untouched.
     better = tmp_path / "better_report.json"
@@ -170,6 +171,35 @@ def test_gate_fail_resume_serve_promote_and_rerun_skips(inputs, tiny_model_dir, 
         cwd=REPO_ROOT,
     )
     assert mixed.returncode == 2 and "eval_dataset differ" in mixed.stderr
+
+
+def test_play_gate_plays_the_merged_model_and_stops_below_min_play_success(inputs, tmp_path):
+    out, db = tmp_path / "out", tmp_path / "play.db"
+    first = pipeline(inputs, "--min_play_success", "0.99", "--play_episodes", "2", "--registry_db", str(db), out=out)
+    assert first.returncode == 1, first.stderr
+    err = [line for line in first.stderr.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "gate: play success" in err[0] and "is below --min_play_success 0.9900" in err[0]
+    st = json.loads((out / "pipeline_state.json").read_text())
+    play = json.loads((out / "play" / "play_report.json").read_text())["policies"]["model"]
+    assert play["episodes"] == 2 and st["stages"]["play"]["outputs"]["success_rate"] == play["success_rate"]
+    assert st["stages"]["gate"]["status"] == "failed" and "register" not in st["stages"]
+    # The same play figures pass a lower bar: the play stage is reused, the gate re-checked.
+    second = pipeline(
+        inputs,
+        "--min_play_success",
+        "0",
+        "--play_episodes",
+        "2",
+        "--registry_db",
+        str(db),
+        "--skip_stages",
+        "export_mlx,evaluate_export",
+        out=out,
+    )
+    assert second.returncode == 0, second.stderr
+    assert "play: done earlier, skipped" in second.stdout
+    assert json.loads((out / "pipeline_state.json").read_text())["stages"]["gate"]["status"] == "done"
+    assert "| play success (goals done, demo world) |" in (out / "pipeline_report.md").read_text()
 
 
 def test_usage_errors_are_one_line(tmp_path):

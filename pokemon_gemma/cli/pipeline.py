@@ -48,6 +48,14 @@ def main(argv=None) -> int:
         help="gate: fail (and register nothing) below this accuracy (0..1; default 0)",
     )
     p.add_argument(
+        "--min_play_success",
+        type=float,
+        default=None,
+        help="play gate: the merged model plays --play_episodes demo-world episodes; fail below this share of "
+        "goals done (0..1; default: no play stage)",
+    )
+    p.add_argument("--play_episodes", type=int, default=20, help="episodes of the play gate (default 20)")
+    p.add_argument(
         "--serve",
         action="store_true",
         help="start the inference server, run the health monitor, promote to production when healthy",
@@ -107,6 +115,8 @@ def main(argv=None) -> int:
         name=args.name,
         base_model=args.base_model,
         min_accuracy=args.min_accuracy,
+        min_play_success=args.min_play_success,
+        play_episodes=args.play_episodes,
         serve=args.serve,
         keep_serving=args.keep_serving,
         port=args.port,

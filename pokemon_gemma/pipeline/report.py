@@ -30,6 +30,14 @@ def accuracy_rows(ctx: Ctx) -> list[tuple[str, float | None, str]]:
             )
         )
     rows.append(("gate: --min_accuracy", ctx.cfg.min_accuracy, ""))
+    if ctx.output("play", "success_rate") is not None:
+        rows.append(
+            (
+                "play success (goals done, demo world)",
+                ctx.output("play", "success_rate"),
+                ctx.output("play", "play_dir") or "",
+            )
+        )
     return rows
 
 
@@ -58,7 +66,11 @@ def _compare_table(ctx: Ctx) -> str | None:
 
 
 def _plot(ctx: Ctx, rows: list[tuple[str, float | None, str]]) -> Path | None:
-    bars = [(label, acc) for label, acc, _ in rows if isinstance(acc, (int, float)) and not label.startswith("gate")]
+    bars = [
+        (label, acc)
+        for label, acc, _ in rows
+        if isinstance(acc, (int, float)) and not label.startswith(("gate", "play"))
+    ]
     if not bars:
         return None
     from ..plots import pipeline_accuracy_png

@@ -1,4 +1,4 @@
-"""Production pipeline: merge -> evaluate -> gate -> export MLX -> evaluate export -> register
+"""Production pipeline: merge -> evaluate [-> play] -> gate -> export MLX -> evaluate export -> register
 [-> serve -> health monitor] -> promote, each stage a real CLI run as a subprocess.
 
 The stage list (`STAGES`) is data: each entry says which script it runs, with which flags, when it
@@ -317,6 +317,8 @@ def validate_config(cfg: PipelineConfig) -> None:
         raise PipelineError("--skip_stages: gate and register cannot be skipped", code=2)
     if not 0.0 <= cfg.min_accuracy <= 1.0:
         raise PipelineError(f"--min_accuracy {cfg.min_accuracy} is not between 0 and 1", code=2)
+    if cfg.min_play_success is not None and not 0.0 <= cfg.min_play_success <= 1.0:
+        raise PipelineError(f"--min_play_success {cfg.min_play_success} is not between 0 and 1", code=2)
 
 
 def run_pipeline(cfg: PipelineConfig, *, restart: bool = False, echo: Callable[[str], None] = print) -> dict:

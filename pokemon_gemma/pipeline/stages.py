@@ -40,6 +40,8 @@ class PipelineConfig:
     name: str = "pokemon-gemma"
     base_model: str | None = None
     min_accuracy: float = 0.0
+    min_play_success: float | None = None  # play gate: goals done / goals asked in the demo world
+    play_episodes: int = 20
     serve: bool = False
     keep_serving: bool = False
     port: int = 8000
@@ -145,7 +147,23 @@ def gate(ctx: Ctx) -> dict[str, Any]:
         prod = reg.production(ctx.cfg.name)
         if prod is not None:
             production = {"version": prod.version, "accuracy": prod.metrics.get("accuracy"), "path": prod.path}
-    result = {"accuracy": accuracy, "min_accuracy": ctx.cfg.min_accuracy, "production": production}
+    result = {
+        "accuracy": accuracy,
+        "min_accuracy": ctx.cfg.min_accuracy,
+        "production": production,
+        "min_play_success": ctx.cfg.min_play_success,
+        "play_success": ctx.output("play", "success_rate"),
+    }
+    if ctx.cfg.min_play_success is not None:
+        success = result["play_success"]
+        if success is None:
+            raise PipelineError("gate: the play stage recorded no success rate", outputs=result)
+        if success < ctx.cfg.min_play_success:
+            raise PipelineError(
+                f"gate: play success {success:.4f} is below --min_play_success {ctx.cfg.min_play_success:.4f} "
+                f"(not registered; see {ctx.output('play', 'play_dir')}/play_report.md)",
+                outputs=result,
+            )
     if accuracy < ctx.cfg.min_accuracy:
         raise PipelineError(
             f"gate: accuracy {accuracy:.4f} is below --min_accuracy {ctx.cfg.min_accuracy:.4f} "
@@ -160,6 +178,15 @@ def gate(ctx: Ctx) -> dict[str, Any]:
             outputs=result,
         )
     return result
+
+
+def read_play(play_dir: str | Path) -> dict[str, Any]:
+    report = Path(play_dir) / "play_report.json"
+    try:
+        model = json.loads(report.read_text())["policies"]["model"]
+        return {"success_rate": float(model["success_rate"]), "steps_ratio": model["steps_ratio"]}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise PipelineError(f"{report}: no model success rate in the play report ({type(exc).__name__})") from None
 
 
 def _export_flags(ctx: Ctx) -> list[str]:
@@ -288,11 +315,38 @@ STAGES: list[Stage] = [
         still_valid=_files_exist("eval_dir"),
     ),
     Stage(
+        "play",
+        "play evaluation in the demo world (--min_play_success)",
+        "play.py",
+        command=lambda ctx: [
+            "--model_path",
+            ctx.model_dir,
+            "--policy",
+            "model",
+            "--episodes",
+            str(ctx.cfg.play_episodes),
+            "--output_dir",
+            str(ctx.out / "play"),
+            "--gif",
+            "2",
+            "--no_progress",
+        ],
+        skip=lambda ctx: None if ctx.cfg.min_play_success is not None else "--min_play_success not given",
+        outputs=lambda ctx: {"play_dir": str(ctx.out / "play")},
+        fresh_dirs=lambda ctx: [ctx.out / "play"],
+        needs=("merge",),
+        after=lambda ctx, r: read_play(ctx.out / "play"),
+        still_valid=_files_exist("play_dir"),
+    ),
+    Stage(
         "gate",
         "accuracy gate (--min_accuracy and the production version)",
         run=gate,
-        needs=("evaluate",),
-        still_valid=lambda ctx, e: e.get("outputs", {}).get("min_accuracy") == ctx.cfg.min_accuracy,
+        needs=("evaluate", "play"),
+        still_valid=lambda ctx, e: (
+            (e.get("outputs", {}).get("min_accuracy"), e.get("outputs", {}).get("min_play_success"))
+            == (ctx.cfg.min_accuracy, ctx.cfg.min_play_success)
+        ),
     ),
     Stage(
         "export_mlx",
