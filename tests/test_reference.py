@@ -129,12 +129,17 @@ def test_server_predict_equals_the_offline_scorer(tiny_model_dir, processor, tmp
 
 # Measured on this tiny model (seed 0) with the command below; a change in the loop, the collator,
 # the loss normalisation, the optimizer or the scheduler moves them.
-PINNED_LOSSES = [8.263377, 7.295326, 6.490479, 5.934030]
+PINNED_LOSSES = [8.077819, 6.900045, 5.914114, 5.328202]
 
 
 @pytest.mark.slow  # trains
 def test_seeded_run_first_four_losses_are_pinned(tiny_model_dir, tmp_path):
     train = write_dataset(tmp_path / "data", 8, seed=0)
+    # Answers of very different lengths: how the loss is normalised over tokens shows in the numbers.
+    rows = [json.loads(line) for line in train.read_text().splitlines()]
+    for i, row in enumerate(rows):
+        row["output"] = make_output(json.loads(row["output"])["button"], "why " * (1 + 5 * i))
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "run"
     cmd = [
         sys.executable,
