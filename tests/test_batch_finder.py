@@ -134,6 +134,7 @@ def test_update_env_keeps_every_other_byte(tmp_path):
     assert missing.read_text() == "BATCH_SIZE=1\nGRAD_ACCUM=16\n"
 
 
+@pytest.mark.slow  # probes train in child processes
 def test_batch_1_not_fitting_says_what_to_change(tiny_model_dir, tmp_path, run_script):
     data = write_dataset(tmp_path / "d", 2)
     env_file = tmp_path / "x.env"

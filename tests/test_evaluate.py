@@ -87,6 +87,7 @@ def run_eval(model_dir, dataset, out, **kw) -> dict:
     return ev.evaluate(cfg, progress=False)
 
 
+@pytest.mark.slow  # trains the confident model
 def test_accuracy_confusion_and_contexts_equal_brute_force(confident_model_dir, dataset, tmp_path):
     from pokemon_gemma.collate import Collator
     from pokemon_gemma.modeling import load_for_inference
@@ -149,6 +150,7 @@ def test_accuracy_confusion_and_contexts_equal_brute_force(confident_model_dir, 
     assert [r["true"] for r in rows] == [r.button for r in records]
 
 
+@pytest.mark.slow  # trains the confident model
 def test_score_and_generate_agree_on_a_confident_model(confident_model_dir, dataset, tmp_path):
     scored = run_eval(confident_model_dir, dataset, tmp_path / "score", limit=3)
     generated = run_eval(confident_model_dir, dataset, tmp_path / "gen", limit=3, mode="generate", max_new_tokens=48)
@@ -250,6 +252,7 @@ def cli(*args, timeout=180):
     )
 
 
+@pytest.mark.slow  # subprocesses load the model
 def test_cli_blank_frames_train_majority_and_compare(tiny_model_dir, dataset, tmp_path):
     from pokemon_gemma.collate import Collator
     from pokemon_gemma.modeling import load_for_inference
@@ -367,6 +370,7 @@ def test_plot_training_curves(tmp_path):
     assert proc.returncode == 1 and proc.stderr.startswith(f"error: {run / 'metrics.jsonl'}:3: invalid JSON")
 
 
+@pytest.mark.slow  # trains and exports
 def test_mlx_export_is_detected_and_evaluated(confident_model_dir, dataset, tmp_path):
     pytest.importorskip("mlx.core")
     pytest.importorskip("mlx_vlm")
