@@ -303,6 +303,7 @@ def test_cli_blank_frames_train_majority_and_compare(tiny_model_dir, dataset, tm
     assert proc.returncode == 1 and proc.stderr.startswith("error:") and "nowhere" in proc.stderr
 
 
+@pytest.mark.slow  # 3 CLI subprocesses
 def test_cli_missing_dataset_is_a_one_line_error(tmp_path):
     proc = cli("--model_name", "unused", "--dataset_path", tmp_path / "missing.jsonl", "--output_dir", tmp_path / "e")
     assert proc.returncode == 1

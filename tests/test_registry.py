@@ -211,6 +211,7 @@ def test_lineage_metrics_and_masked_training_config_from_a_real_adapter(tmp_path
     assert json.loads(exported.read_text())["integrity"]["status"] == "ok"
 
 
+@pytest.mark.slow  # W&B runs its own service process
 def test_wandb_artifact_offline_and_unreachable_server_never_loses_the_version(tmp_path):
     db, ck = tmp_path / "reg.db", make_checkpoint(tmp_path / "ck", 0)
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)}
