@@ -61,6 +61,7 @@ def assert_valid_prediction(body: dict, version_prefix: str = "tiny_gemma3") -> 
     assert body["model_version"].startswith(version_prefix) and body["latency_ms"] > 0
 
 
+@pytest.mark.slow  # starts the server
 def test_predict_score_and_generate(server):
     with client(server.url) as c:
         assert c.get("/health").json() == {"status": "ok"}
@@ -125,6 +126,7 @@ BAD_REQUESTS = [
 ]
 
 
+@pytest.mark.slow  # starts the server
 def test_every_bad_input_gets_its_4xx_and_the_server_keeps_answering(server):
     with client(server.url) as c:
         for what, body, status, words in BAD_REQUESTS:
@@ -144,6 +146,7 @@ def test_every_bad_input_gets_its_4xx_and_the_server_keeps_answering(server):
     assert "Traceback" not in server.log()
 
 
+@pytest.mark.slow  # starts the server
 def test_chat_completions_openai_shape(server):
     images = [{"type": "image_url", "image_url": {"url": data_url(f)}} for f in FRAMES[:4]]
     body = {
@@ -176,6 +179,7 @@ def test_chat_completions_openai_shape(server):
         assert c.post("/v1/chat/completions", json={**body, "stream": True}).status_code == 400
 
 
+@pytest.mark.slow  # starts the server
 def test_metrics_counters_move(server):
     with client(server.url) as c:
         before = c.get("/metrics").text
@@ -198,6 +202,7 @@ def test_metrics_counters_move(server):
     assert metric(after, "pokemon_model_info", backend="torch") == 1
 
 
+@pytest.mark.slow  # starts the server
 def test_session_stream_reuses_frame_features(server):
     with client(server.url) as c:
         before = c.get("/metrics").text
@@ -220,6 +225,7 @@ def test_session_stream_reuses_frame_features(server):
     assert encoded == 8 + 20
 
 
+@pytest.mark.slow  # starts the server
 def test_requests_run_off_the_event_loop_with_a_bounded_queue(server):
     """12 concurrent generations against --max_queue 4: /health answers quickly while they run, the
     queued ones succeed, the rest get 503 + Retry-After instead of piling up."""
@@ -268,6 +274,7 @@ def run_monitor_cli(url: str, out, *extra, env=None):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=REPO_ROOT)
 
 
+@pytest.mark.slow  # starts servers
 def test_auth_monitor_graceful_shutdown_then_down(tiny_model_dir, tmp_path):
     import os
 
@@ -364,6 +371,7 @@ def test_auth_monitor_graceful_shutdown_then_down(tiny_model_dir, tmp_path):
     assert len(_Webhook.received) == 1 and _Webhook.received[0]["status"] == "unhealthy"
 
 
+@pytest.mark.slow  # starts the server
 def test_error_rate_from_metric_deltas(server):
     with client(server.url) as c:
         first = parse_metrics(c.get("/metrics").text)
@@ -377,6 +385,7 @@ def test_error_rate_from_metric_deltas(server):
     assert error_rates(second, first)[0] == first.requests
 
 
+@pytest.mark.slow  # server subprocess tries to load a model
 def test_server_cli_errors(tmp_path):
     script = str(REPO_ROOT / "scripts" / "inference_server.py")
     r = subprocess.run(
@@ -422,6 +431,7 @@ def test_server_cli_errors(tmp_path):
     assert mon.returncode == 2 and mon.stderr.strip() == f"error: {tmp_path / 'two'}: 2 PNG/JPEG files, need 4"
 
 
+@pytest.mark.slow  # exports and serves
 def test_mlx_backend_server(tiny_model_dir, tmp_path):
     """scripts/mlx_inference_server.py with MODEL_PATH from the environment, on an MLX export of the tiny model."""
     import os

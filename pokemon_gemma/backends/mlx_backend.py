@@ -23,7 +23,7 @@ from PIL import Image
 
 from ..collate import Collator
 from ..dataset import BUTTONS
-from ..scoring import ButtonScorer, ButtonScores, _common_prefix_length, answer_prefix
+from ..scoring import ButtonScorer, ButtonScores, _common_prefix_length, answer_prefix, answer_start
 from . import ScorerBackend, model_version
 
 MLX_DTYPES = ("float32", "bfloat16", "float16")
@@ -180,6 +180,7 @@ class MlxButtonScorer(ButtonScorer):
         prompt = self.collator.prompt_text(context, question)
         full = [self.collator.expanded_ids(prompt + answer_prefix(b)) for b in BUTTONS]
         shared = _common_prefix_length(full)
+        start = answer_start(self.collator, prompt, full, shared)
         prefix = mx.array([full[0][:shared]])
         self.collator._check("scoring prompt", _as_torch(full[0][:shared]), len(images))
         if features is None:
@@ -187,10 +188,11 @@ class MlxButtonScorer(ButtonScorer):
         cache = self.model.language_model.make_cache()
         embeds = self._embed(prefix, features)
         out = self.model.language_model(prefix, inputs_embeds=embeds, cache=cache).logits
-        first = out[0, -1].astype(mx.float32)
-        first_logprobs = np.array(first - mx.logsumexp(first))
+        kept = out[0, start - 1 :].astype(mx.float32)  # the answers' shared opening and the first distinct token
+        prefix_logprobs = np.array(kept - mx.logsumexp(kept, axis=-1, keepdims=True))
+        opening = sum(float(prefix_logprobs[j, token]) for j, token in enumerate(full[0][start:shared]))
         tails = [ids[shared:] for ids in full]
-        scores = {b: float(first_logprobs[t[0]]) for b, t in zip(BUTTONS, tails)}
+        scores = {b: opening + float(prefix_logprobs[-1, t[0]]) for b, t in zip(BUTTONS, tails)}
         width = max(len(t) for t in tails) - 1
         if width > 0:
             # Right padding is harmless: with causal attention no scored token sees a pad.
