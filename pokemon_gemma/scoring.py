@@ -40,6 +40,15 @@ class ButtonScores:
         return {b: v / total for b, v in exp.items()}
 
 
+@dataclass
+class Generation:
+    """A greedy answer with what the OpenAI API reports about it."""
+
+    text: str
+    completion_tokens: int  # tokens generated, the stop token included when there is one
+    finish_reason: str  # "stop": a stop token ended it; "length": max_new_tokens ran out first
+
+
 class ButtonScorer:
     def __init__(self, model, collator: Collator, causal_images: bool = False):
         self.model = model
@@ -124,9 +133,15 @@ class ButtonScorer:
         """Greedy answer text (the model's JSON, unparsed)."""
         return self.generate_batch([(frames, context, question)], max_new_tokens)[0]
 
-    @torch.no_grad()
     def generate_batch(self, items: list[tuple[list[Image.Image], str, str]], max_new_tokens: int = 96) -> list[str]:
         """Greedy answers for several (frames, context, question) at once (prompts padded on the left)."""
+        return [g.text for g in self.generate_batch_details(items, max_new_tokens)]
+
+    @torch.no_grad()
+    def generate_batch_details(
+        self, items: list[tuple[list[Image.Image], str, str]], max_new_tokens: int = 96
+    ) -> list[Generation]:
+        """`generate_batch` with each answer's token count and why it ended."""
         texts = [self.collator.prompt_text(context, question) for _, context, question in items]
         images = [self.collator.images_for([], frames) for frames, _, _ in items]
         side = self.tokenizer.padding_side
@@ -146,7 +161,14 @@ class ButtonScorer:
             pad_token_id=self.tokenizer.pad_token_id,
         )
         width = enc["input_ids"].shape[1]
-        return [self.tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+        stops = {self.tokenizer.eos_token_id, eot}
+        results = []
+        for row in out:
+            new = row[width:].tolist()
+            end = next((i + 1 for i, token in enumerate(new) if token in stops), None)
+            text = self.tokenizer.decode(row[width:], skip_special_tokens=True).strip()
+            results.append(Generation(text, end or len(new), "stop" if end else "length"))
+        return results
 
 
 def parse_generated(text: str) -> tuple[dict | None, str | None]:

@@ -374,3 +374,19 @@ def test_collator_matches_gemma3_processor(processor, data):
     assert torch.equal(sample.input_ids, ref["input_ids"][0])
     assert torch.equal(sample.token_type_ids, ref["token_type_ids"][0])
     assert torch.equal(sample.pixel_values, ref["pixel_values"])
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_decompression_bomb_frame_is_a_one_line_error_naming_the_file(tiny_model_dir, tmp_path, workers):
+    """A frame whose header declares 30000x30000 pixels (a 109 KB PNG) stops training with one line
+    naming the file, whether it is loaded inline or in a DataLoader worker; it is never decoded."""
+    from tests.helpers import bomb_png
+
+    train = write_dataset(tmp_path, 4, seed=3)
+    rows = [json.loads(line) for line in train.read_text().splitlines()]
+    bomb = bomb_png(tmp_path / rows[0]["frames"][3])
+    cmd = train_cmd(tiny_model_dir, train, "", tmp_path / "run", "--max_steps", "2", "--dataloader_workers", workers)
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: {bomb}: frame declares 30000x30000 pixels"), line

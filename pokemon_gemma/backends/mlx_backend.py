@@ -23,7 +23,7 @@ from PIL import Image
 
 from ..collate import Collator
 from ..dataset import BUTTONS
-from ..scoring import ButtonScorer, ButtonScores, _common_prefix_length, answer_prefix, answer_start
+from ..scoring import ButtonScorer, ButtonScores, Generation, _common_prefix_length, answer_prefix, answer_start
 from . import ScorerBackend, model_version
 
 MLX_DTYPES = ("float32", "bfloat16", "float16")
@@ -210,6 +210,12 @@ class MlxButtonScorer(ButtonScorer):
         self, frames: list[Image.Image], context: str, question: str, max_new_tokens: int = 96
     ) -> list[int]:
         """Greedy answer token ids, stopping at `<eos>`/`<end_of_turn>` (not included)."""
+        return self._generate(frames, context, question, max_new_tokens)[0]
+
+    def _generate(
+        self, frames: list[Image.Image], context: str, question: str, max_new_tokens: int
+    ) -> tuple[list[int], bool]:
+        """(answer ids without the stop token, whether a stop token ended it)."""
         import mlx.core as mx
         from mlx_vlm.generate.ar import generate_step
 
@@ -225,9 +231,9 @@ class MlxButtonScorer(ButtonScorer):
         ):
             token = int(token)
             if token in stop:
-                break
+                return out, True
             out.append(token)
-        return out
+        return out, False
 
     def generate(self, frames: list[Image.Image], context: str, question: str, max_new_tokens: int = 96) -> str:
         """Greedy answer text (the model's JSON, unparsed), like `ButtonScorer.generate`."""
@@ -237,6 +243,16 @@ class MlxButtonScorer(ButtonScorer):
     def generate_batch(self, items: list[tuple[list[Image.Image], str, str]], max_new_tokens: int = 96) -> list[str]:
         """One greedy answer per (frames, context, question), generated one after another."""
         return [self.generate(frames, context, question, max_new_tokens) for frames, context, question in items]
+
+    def generate_batch_details(
+        self, items: list[tuple[list[Image.Image], str, str]], max_new_tokens: int = 96
+    ) -> list[Generation]:
+        out = []
+        for frames, context, question in items:
+            ids, stopped = self._generate(frames, context, question, max_new_tokens)
+            text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+            out.append(Generation(text, len(ids) + stopped, "stop" if stopped else "length"))
+        return out
 
 
 def _as_torch(ids):
