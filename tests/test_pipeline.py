@@ -71,6 +71,7 @@ def versions(inputs) -> list:
         return reg.list_versions(NAME)
 
 
+@pytest.mark.slow  # merges, exports, serves
 def test_gate_fail_resume_serve_promote_and_rerun_skips(inputs, tiny_model_dir, tmp_path):
     # 1. Gate below --min_accuracy: merge and evaluate ran, nothing registered, non-zero exit, report written.
     first = pipeline(inputs, "--min_accuracy", "0.99")
