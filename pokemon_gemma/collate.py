@@ -1,9 +1,11 @@
 """One collator for training, batch-size probing, validation and scoring.
 
-A sample is Gemma 3's chat template: a user turn with 4 image entries (or one 2x2 grid image) then
-the context and question, and a model turn with the answer JSON. The processor expands each image
-into its soft tokens; labels cover only the answer and its closing `<end_of_turn>`. Image tokens and
-the answer are never truncated: an over-long sample loses context text first, else it is rejected.
+A sample is the model's chat template: a user turn with 4 image entries (or one 2x2 grid image) then
+the context and question, and a model turn with the answer JSON. Each image placeholder is expanded
+into its soft tokens (how, and how many, is the model family's: `pokemon_gemma.families`); labels
+cover only the answer and the token closing the turn (`<end_of_turn>`, Gemma 4 `<turn|>`). Image
+tokens and the answer are never truncated: an over-long sample loses context text first, else it
+is rejected.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from PIL import Image
 
 from .dataset import FRAMES_PER_SAMPLE, MAX_FRAME_PIXELS, Record
+from .families import family_of_processor
 
 IGNORE_INDEX = -100
 GRID_NOTE = (
@@ -40,10 +43,11 @@ class SampleError(ValueError):
 class EncodedSample:
     sample_id: str
     input_ids: torch.Tensor  # (T,)
-    token_type_ids: torch.Tensor  # (T,) 1 on image soft tokens
+    token_type_ids: torch.Tensor  # (T,) 1 on image soft tokens (batched under the family's key)
     labels: torch.Tensor | None  # (T,) IGNORE_INDEX outside the answer
-    pixel_values: torch.Tensor  # (n_images, 3, H, W)
+    pixel_values: torch.Tensor  # (n_images, 3, H, W); Gemma 4: (n_images, patches, 3*patch^2)
     context_shortened: bool = False
+    pixel_extras: dict[str, torch.Tensor] | None = None  # other vision inputs (Gemma 4: image_position_ids)
 
     @property
     def length(self) -> int:
@@ -127,8 +131,11 @@ def blank_like(image: Image.Image) -> Image.Image:
 class Collator:
     """Turns Records into model batches (padded on the right).
 
-    `encode` checks every sample: exactly one `<bos>`, image soft tokens == n_images x
-    mm_tokens_per_image, and (with an answer) at least one labelled token.
+    `encode` checks every sample: exactly one `<bos>`, image soft tokens == the sum of what each
+    image gets, and (with an answer) at least one labelled token.
+
+    Lengths computed without the images (`sample_length`, `fit_context` without `sizes`) read the
+    frames' declared sizes, or assume the most soft tokens an image can get (Gemma 4's budget).
     """
 
     def __init__(
@@ -148,9 +155,12 @@ class Collator:
         self.blank_frames = blank_frames
         self.pixel_dtype = pixel_dtype
         self.frames = FrameLoader()
+        self.family = family_of_processor(processor)
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.tokenizer.image_token)
-        self.end_of_turn_id = self.tokenizer.convert_tokens_to_ids("<end_of_turn>")
-        self.tokens_per_image = int(processor.image_seq_length)
+        self.end_of_turn = self.family.end_of_turn
+        self.end_of_turn_id = self.tokenizer.convert_tokens_to_ids(self.end_of_turn)
+        self.placeholder = self.family.image_placeholder(processor)
+        self.tokens_per_image = self.family.max_tokens_per_image(processor)  # the most one image gets
         self.n_images = 1 if frame_layout == "grid" else FRAMES_PER_SAMPLE
 
     # --- text
@@ -175,31 +185,52 @@ class Collator:
             frames = [blank_like(f) for f in frames]
         return [tile_grid(frames)] if self.frame_layout == "grid" else frames
 
-    def _expanded_token_count(self, text: str) -> int:
-        """Token count of templated text once the processor has expanded every image."""
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        n_images = text.count(self.processor.boi_token)
-        # Each image placeholder (1 token) becomes "\n\n" + boi + soft tokens + eoi + "\n\n".
-        extra = len(self.tokenizer(self.processor.full_image_sequence, add_special_tokens=False)["input_ids"]) - 1
-        return len(ids) + n_images * extra
+    def answer_text(self, output: str) -> str:
+        """The model turn's text after the prompt: the answer and the turn's closing token."""
+        return output.strip() + self.end_of_turn + "\n"
+
+    def image_counts(self, sizes: list[tuple[int, int]] | None, n_images: int) -> list[int]:
+        """Soft tokens of each image ((width, height) sizes; None: the most an image can get)."""
+        if sizes is None:
+            return [self.tokens_per_image] * n_images
+        return [self.family.tokens_per_image(self.processor, size) for size in sizes]
+
+    def layout_sizes(self, frame_sizes: list[tuple[int, int]] | None) -> list[tuple[int, int]] | None:
+        """The sizes of the images the model sees for frames of `frame_sizes` (one grid, or the frames)."""
+        if frame_sizes is None or any(size is None for size in frame_sizes):
+            return None
+        if self.frame_layout == "grid":
+            width, height = frame_sizes[0]
+            return [(2 * width, 2 * height)]
+        return list(frame_sizes)
+
+    def record_sizes(self, record: Record) -> list[tuple[int, int]] | None:
+        """Image sizes of a record from its frames' headers (no decoding); None when unreadable."""
+        return self.layout_sizes([declared_size(p) for p in record.frames]) if record.frames else None
+
+    def _expanded_token_count(self, text: str, sizes: list[tuple[int, int]] | None = None) -> int:
+        """Token count of templated text once every image is expanded into its soft tokens."""
+        return len(self.expanded_ids(text, sizes))
 
     # --- encoding
     def encode(
         self, record: Record, with_answer: bool = True, images: list[Image.Image] | None = None
     ) -> EncodedSample:
         sample_id = record.sample_id
-        answer = record.output.strip() + "<end_of_turn>\n" if with_answer else ""
-        context, shortened = self.fit_context(record.context, record.question, answer, sample_id)
-        prompt = self.prompt_text(context, record.question)
+        answer = self.answer_text(record.output) if with_answer else ""
         imgs = self.images_for(record.frames, images)
-        # What Gemma3Processor does, without its per-call overhead: expand each image placeholder
-        # into its soft tokens, tokenize, and mark image tokens for bidirectional attention.
-        input_ids = torch.tensor(self.expanded_ids(prompt + answer))
+        sizes = [im.size for im in imgs]
+        context, shortened = self.fit_context(record.context, record.question, answer, sample_id, sizes)
+        prompt = self.prompt_text(context, record.question)
+        # What the processor does, without its per-call overhead: expand each image placeholder
+        # into its soft tokens, tokenize, and mark image tokens (bidirectional attention where the
+        # family has it).
+        input_ids = torch.tensor(self.expanded_ids(prompt + answer, sizes))
         token_type_ids = (input_ids == self.image_token_id).long()
-        self._check(sample_id, input_ids, len(imgs))
+        self._check(sample_id, input_ids, sizes)
         labels = None
         if with_answer:
-            prompt_ids = self.expanded_ids(prompt)
+            prompt_ids = self.expanded_ids(prompt, sizes)
             n_prompt = len(prompt_ids)
             if input_ids[:n_prompt].tolist() != prompt_ids:
                 raise SampleError(f"{sample_id}: the prompt tokenizes differently inside the full sample")
@@ -209,47 +240,65 @@ class Collator:
             labels[n_prompt:answer_end] = input_ids[n_prompt:answer_end]
             if answer_end <= n_prompt:
                 raise SampleError(f"{sample_id}: no labelled answer tokens")
-            # Exact labels: the supervised tokens must decode to the answer and its <end_of_turn>.
+            # Exact labels: the supervised tokens must decode to the answer and the turn's end.
             supervised = self.tokenizer.decode(input_ids[n_prompt:answer_end])
             if supervised.strip() != answer.strip():
                 raise SampleError(f"{sample_id}: labels do not align with the answer ({supervised[:40]!r}...)")
-        return EncodedSample(sample_id, input_ids, token_type_ids, labels, self.pixel_values(imgs), shortened)
+        pixels = self.pixel_inputs(imgs)
+        pixel_values = pixels.pop("pixel_values")
+        return EncodedSample(
+            sample_id, input_ids, token_type_ids, labels, pixel_values, shortened, pixel_extras=pixels or None
+        )
 
-    def expanded_ids(self, text: str) -> list[int]:
-        """Token ids of templated text with every image placeholder expanded to its soft tokens."""
-        text = text.replace(self.processor.boi_token, self.processor.full_image_sequence)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+    def expanded_ids(self, text: str, sizes: list[tuple[int, int]] | None = None) -> list[int]:
+        """Token ids of templated text with every image placeholder expanded to its soft tokens
+        (image i of size sizes[i]; None: the most soft tokens an image can get)."""
+        parts = text.split(self.placeholder)
+        counts = self.image_counts(sizes, len(parts) - 1)
+        if len(counts) != len(parts) - 1:
+            raise SampleError(f"{len(parts) - 1} image placeholders in the prompt, {len(counts)} images")
+        pieces = [parts[0]]
+        for count, part in zip(counts, parts[1:]):
+            pieces += [self.family.image_sequence(self.processor, count), part]
+        return self.tokenizer("".join(pieces), add_special_tokens=False)["input_ids"]
+
+    def pixel_inputs(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
+        """Everything the vision side takes for `images` (pixel_values, and Gemma 4's image_position_ids)."""
+        return self.family.pixel_inputs(self.processor, images, self.pixel_dtype)
 
     def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
-        out = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
-        return out.to(self.pixel_dtype)
+        return self.pixel_inputs(images)["pixel_values"]
 
-    def _check(self, sample_id: str, input_ids: torch.Tensor, n_images: int) -> None:
+    def _check(self, sample_id: str, input_ids: torch.Tensor, sizes: list[tuple[int, int]]) -> None:
         n_bos = int((input_ids == self.tokenizer.bos_token_id).sum())
         if n_bos != 1:
             raise SampleError(f"{sample_id}: expected exactly one <bos>, found {n_bos}")
         n_soft = int((input_ids == self.image_token_id).sum())
-        if n_soft != n_images * self.tokens_per_image:
-            raise SampleError(f"{sample_id}: {n_soft} image soft tokens, expected {n_images} x {self.tokens_per_image}")
+        counts = self.image_counts(sizes, len(sizes))
+        if n_soft != sum(counts):
+            raise SampleError(f"{sample_id}: {n_soft} image soft tokens, expected {' + '.join(map(str, counts))}")
 
     def sample_length(self, record: Record, with_answer: bool = True) -> int:
         """Token length with every image soft token, before any shortening (no image decoding)."""
-        answer = record.output.strip() + "<end_of_turn>\n" if with_answer else ""
-        return self._expanded_token_count(self.prompt_text(record.context, record.question) + answer)
+        answer = self.answer_text(record.output) if with_answer else ""
+        text = self.prompt_text(record.context, record.question) + answer
+        return self._expanded_token_count(text, self.record_sizes(record))
 
-    def fit_context(self, context: str, question: str, answer: str, sample_id: str) -> tuple[str, bool]:
+    def fit_context(
+        self, context: str, question: str, answer: str, sample_id: str, sizes: list[tuple[int, int]] | None = None
+    ) -> tuple[str, bool]:
         """Shorten the context (keeping its start: the goal) until the sample fits, else reject."""
-        length = self._expanded_token_count(self.prompt_text(context, question) + answer)
+        length = self._expanded_token_count(self.prompt_text(context, question) + answer, sizes)
         if length <= self.max_seq_length:
             return context, False
         ctx_ids = self.tokenizer(context, add_special_tokens=False)["input_ids"]
         keep = len(ctx_ids) - (length - self.max_seq_length)
         while keep > 0:
             shorter = self.tokenizer.decode(ctx_ids[:keep]).rstrip() + " …"
-            if self._expanded_token_count(self.prompt_text(shorter, question) + answer) <= self.max_seq_length:
+            if self._expanded_token_count(self.prompt_text(shorter, question) + answer, sizes) <= self.max_seq_length:
                 return shorter, True
             keep -= max(1, len(ctx_ids) // 20)
-        if self._expanded_token_count(self.prompt_text("", question) + answer) <= self.max_seq_length:
+        if self._expanded_token_count(self.prompt_text("", question) + answer, sizes) <= self.max_seq_length:
             return "", True
         raise SampleError(
             f"{sample_id}: {length} tokens exceed --max_seq_length {self.max_seq_length} even without context "
@@ -271,9 +320,11 @@ class Collator:
         batch = {
             "input_ids": stack("input_ids", pad_id),
             "attention_mask": (torch.arange(width)[None, :] < lengths[:, None]).long(),
-            "token_type_ids": stack("token_type_ids", 0),
+            self.family.token_type_key: stack("token_type_ids", 0),
             "pixel_values": torch.cat([s.pixel_values for s in samples]),
         }
+        for key in samples[0].pixel_extras or {}:
+            batch[key] = torch.cat([s.pixel_extras[key] for s in samples])
         if all(s.labels is not None for s in samples):
             batch["labels"] = stack("labels", IGNORE_INDEX)
         return batch

@@ -1,6 +1,8 @@
-"""Loading a Gemma 3 model + processor from a hub id or a local folder, and LoRA/QLoRA wrapping.
+"""Loading a Gemma model + processor from a hub id or a local folder, and LoRA/QLoRA wrapping.
 
-A tiny local model and `google/gemma-3-4b-it` take exactly the same path through here.
+A tiny local model and a hub id take exactly the same path through here; what differs per model
+family (Gemma 3, Gemma 4, Gemma 3n: LoRA targets, modules QLoRA keeps unquantised, the processor
+class) comes from `pokemon_gemma.families`, chosen by the model's config.
 """
 
 from __future__ import annotations
@@ -11,19 +13,14 @@ from pathlib import Path
 import torch
 
 from .errors import first_line
+from .families import FAMILIES, Family, FamilyError, family_of, get_family
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"no": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-# LoRA targets as regexes over transformers-5 module names of Gemma3ForConditionalGeneration.
-_TEXT = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
-_VISION = r"model\.vision_tower\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc(1|2))"
-LORA_TARGETS = {
-    "language": _TEXT,
-    "language+vision": f"({_TEXT}|{_VISION})",
-    "all-linear": "all-linear",
-}
+# Gemma 3's LoRA targets (regexes over transformers-5 module names); other families: families/*.py.
+LORA_TARGETS = get_family("gemma3").lora_targets
 
 
 class ModelLoadError(RuntimeError):
@@ -34,12 +31,31 @@ def _token_kwargs(token: str | None) -> dict:
     return {"token": token} if token else {}
 
 
-def load_processor(model_name: str, token: str | None = None):
-    from transformers import AutoProcessor
+def family_for(model_name: str, token: str | None = None) -> Family:
+    """The family of a model folder or hub id: from a local processor_config.json's processor class
+    (adapter folders carry one), else from the model's config."""
+    import json
 
+    proc_config = Path(model_name) / "processor_config.json"
+    if proc_config.is_file():
+        try:
+            cls = json.loads(proc_config.read_text()).get("processor_class", "")
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"{proc_config}: unreadable ({first_line(exc)})") from None
+        for family in FAMILIES.values():
+            if family.processor_class == cls:
+                return family
+    return family_for_model(model_name, token)
+
+
+def load_processor(model_name: str, token: str | None = None):
+    family = family_for(model_name, token)
     try:
-        return AutoProcessor.from_pretrained(model_name, **_token_kwargs(token))
-    except (OSError, ValueError) as exc:
+        family.check_available()  # also for a folder whose processor_config named the family
+        return family.load_processor(model_name, **_token_kwargs(token))
+    except FamilyError as exc:
+        raise ModelLoadError(f"{model_name}: {exc}") from None
+    except (OSError, ValueError, ImportError) as exc:
         raise ModelLoadError(_explain(model_name, exc)) from None
 
 
@@ -53,8 +69,10 @@ def _explain(model_name: str, exc: Exception) -> str:
     return f"cannot load {model_name!r}: {first}"
 
 
-def bnb_4bit_config():
-    """QLoRA: nf4 with double quantisation and bf16 compute; the vision tower stays unquantised."""
+def bnb_4bit_config(family: Family):
+    """QLoRA: nf4 with double quantisation and bf16 compute; the family's vision (and audio) side and
+    lm_head stay unquantised. transformers matches skip names from the start of the full module name,
+    so they must be full names ("model.vision_tower": a bare "vision_tower" skipped nothing)."""
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
@@ -62,29 +80,45 @@ def bnb_4bit_config():
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16,
-        llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"],
+        llm_int8_skip_modules=list(family.qlora_skip_modules),
     )
 
 
 def load_model(
     model_name: str, *, precision: str = "no", qlora: bool = False, token: str | None = None, device_map=None
 ):
-    """Load Gemma3ForConditionalGeneration in the requested precision (or 4-bit for QLoRA)."""
+    """Load a supported family's *ForConditionalGeneration in the requested precision (or 4-bit for QLoRA)."""
     from transformers import AutoModelForImageTextToText
 
+    family = family_for_model(model_name, token)
     kwargs = dict(dtype=DTYPES[precision], **_token_kwargs(token))
     if qlora:
-        kwargs["quantization_config"] = bnb_4bit_config()
+        kwargs["quantization_config"] = bnb_4bit_config(family)
         kwargs["dtype"] = torch.bfloat16
     if device_map is not None:
         kwargs["device_map"] = device_map
     try:
         model = AutoModelForImageTextToText.from_pretrained(model_name, **kwargs)
+    except (OSError, ValueError, ImportError) as exc:
+        raise ModelLoadError(_explain(model_name, exc)) from None
+    return model
+
+
+def family_for_model(model_name: str, token: str | None = None) -> Family:
+    """The family of a model folder or hub id from its config (a clear error for other models, and
+    for a family this install cannot run)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_name, **_token_kwargs(token))
     except (OSError, ValueError) as exc:
         raise ModelLoadError(_explain(model_name, exc)) from None
-    if getattr(model.config, "model_type", None) != "gemma3":
-        raise ModelLoadError(f"{model_name!r} is a {model.config.model_type!r} model, not Gemma 3 (gemma3)")
-    return model
+    try:
+        family = family_of(config)
+        family.check_available()
+    except FamilyError as exc:
+        raise ModelLoadError(f"{model_name}: {exc}") from None
+    return family
 
 
 def apply_lora(
@@ -115,11 +149,17 @@ def apply_lora(
                 f"--init_adapter {init_adapter}: {first_line(exc)} (pass a LoRA adapter folder "
                 "trained on this base model)"
             ) from None
+    family = family_of(model.config)
+    try:
+        target_modules = family.lora_target(targets)
+    except FamilyError as exc:
+        raise ModelLoadError(str(exc)) from None
     lora = LoraConfig(
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,
-        target_modules=LORA_TARGETS[targets],
+        target_modules=target_modules,
+        exclude_modules=family.lora_exclude if target_modules == "all-linear" else None,
         bias="none",
         task_type="CAUSAL_LM",
     )

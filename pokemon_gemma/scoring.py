@@ -76,10 +76,17 @@ class ButtonScorer:
     def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
         return self.collator.pixel_values(images).to(self.device, self.dtype)
 
+    def pixel_inputs(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
+        out = self.collator.pixel_inputs(images)
+        return {
+            k: v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device) for k, v in out.items()
+        }
+
     @torch.no_grad()
-    def image_features(self, images: list[Image.Image]) -> torch.Tensor:
-        """Projected vision features (n_images, tokens, hidden); the server caches these per frame."""
-        return self._gemma().model.get_image_features(self.pixel_values(images), return_dict=True).pooler_output
+    def image_features(self, images: list[Image.Image]):
+        """Projected vision features (Gemma 3: one (n_images, tokens, hidden) tensor; Gemma 4: a tuple of
+        per-image (tokens, hidden) tensors); the server caches these per frame."""
+        return self.collator.family.image_features(self._gemma().model, self.pixel_inputs(images))
 
     @torch.no_grad()
     def score(
@@ -89,18 +96,23 @@ class ButtonScorer:
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         images = self.collator.images_for([], frames)
+        sizes = [im.size for im in images]
         prompt = self.collator.prompt_text(context, question)
-        full = [self.collator.expanded_ids(prompt + answer_prefix(b)) for b in BUTTONS]
+        full = [self.collator.expanded_ids(prompt + answer_prefix(b), sizes) for b in BUTTONS]
         shared = _common_prefix_length(full)
-        start = answer_start(self.collator, prompt, full, shared)
+        start = answer_start(self.collator, prompt, full, shared, sizes)
         prefix = torch.tensor([full[0][:shared]], device=self.device)
-        self.collator._check("scoring prompt", prefix[0], len(images))
+        self.collator._check("scoring prompt", prefix[0], sizes)
         if features is None:
             features = self.image_features(images)
-        encoder_outputs = {"image": BaseModelOutputWithPooling(pooler_output=features.to(self.device))}
+        features = (
+            tuple(f.to(self.device) for f in features) if isinstance(features, tuple) else features.to(self.device)
+        )
+        encoder_outputs = {"image": BaseModelOutputWithPooling(pooler_output=features)}
+        token_types = None if self.causal_images else (prefix == self.collator.image_token_id).long()
         out = self.model(
             input_ids=prefix,
-            token_type_ids=None if self.causal_images else (prefix == self.collator.image_token_id).long(),
+            **{self.collator.family.token_type_key: token_types},
             attention_mask=torch.ones_like(prefix),
             mm_encoder_outputs=encoder_outputs,
             use_cache=True,
@@ -179,11 +191,11 @@ def parse_generated(text: str) -> tuple[dict | None, str | None]:
         return None, "invalid_json" if "not JSON" in str(exc) or "not a JSON object" in str(exc) else "invalid_button"
 
 
-def answer_start(collator: Collator, prompt: str, full: list[list[int]], shared: int) -> int:
+def answer_start(collator: Collator, prompt: str, full: list[list[int]], shared: int, sizes=None) -> int:
     """Index of the first answer token: where the prompt's own ids stop matching the full sequences
     (a token merged across the prompt/answer boundary counts as answer). The answers' shared opening
     `{"button": "` is scored too, so each score is log P(full answer prefix | prompt)."""
-    return min(_common_prefix_length([collator.expanded_ids(prompt), full[0]]), shared)
+    return min(_common_prefix_length([collator.expanded_ids(prompt, sizes), full[0]]), shared)
 
 
 def _common_prefix_length(seqs: list[list[int]]) -> int:

@@ -187,7 +187,7 @@ def filter_trainable_samples(records: list[Record], collator: Collator, name: st
     for r in records:
         try:
             _, was_shortened = collator.fit_context(
-                r.context, r.question, r.output.strip() + "<end_of_turn>\n", r.sample_id
+                r.context, r.question, collator.answer_text(r.output), r.sample_id, collator.record_sizes(r)
             )
         except SampleError as exc:
             log.warning("rejected %s sample: %s", name, exc)

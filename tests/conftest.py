@@ -29,3 +29,10 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"../shared not found beside the checkout ({SHARED}); shared-data tests skipped")
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma4_dir(tmp_path_factory) -> Path:
+    from pokemon_gemma.tiny_gemma4 import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_gemma4"), seed=0)

@@ -182,7 +182,7 @@ class MlxButtonScorer(ButtonScorer):
         shared = _common_prefix_length(full)
         start = answer_start(self.collator, prompt, full, shared)
         prefix = mx.array([full[0][:shared]])
-        self.collator._check("scoring prompt", _as_torch(full[0][:shared]), len(images))
+        self.collator._check("scoring prompt", _as_torch(full[0][:shared]), [im.size for im in images])
         if features is None:
             features = self.image_features(images)
         cache = self.model.language_model.make_cache()
@@ -222,7 +222,7 @@ class MlxButtonScorer(ButtonScorer):
         images = self.collator.images_for([], frames)
         prompt = self.collator.prompt_text(context, question)
         enc = self.processor(text=[prompt], images=[images], return_tensors="np", add_special_tokens=False)
-        self.collator._check("generation prompt", _as_torch(enc["input_ids"][0]), len(images))
+        self.collator._check("generation prompt", _as_torch(enc["input_ids"][0]), [im.size for im in images])
         ids = mx.array(enc["input_ids"])
         stop = {self.tokenizer.eos_token_id, self.collator.end_of_turn_id}
         out: list[int] = []

@@ -1,21 +1,29 @@
-"""Build a tiny random Gemma 3 (model + tokenizer + processor) that loads like a hub id."""
+"""Build a tiny random model of one family (model + tokenizer + processor) that loads like a hub id."""
 
 import argparse
 import sys
 
-from pokemon_gemma.tiny import build_tiny_model
+from pokemon_gemma.families import FAMILIES, FamilyError, get_family
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--output_dir", required=True, help="folder to write (created if missing)")
+    parser.add_argument("--family", default="gemma3", choices=list(FAMILIES), help="model family")
     parser.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
-    parser.add_argument("--image_size", type=int, default=64, help="vision tower input size in pixels (multiple of 32)")
+    parser.add_argument(
+        "--image_size", type=int, default=64, help="Gemma 3: vision tower input size in pixels (multiple of 32)"
+    )
+    parser.add_argument(
+        "--image_tokens", type=int, default=70, help="Gemma 4: soft-token budget per image (70/140/280/560/1120)"
+    )
     args = parser.parse_args(argv)
+    family = get_family(args.family)
+    kwargs = {"image_size": args.image_size} if family.name == "gemma3" else {"max_soft_tokens": args.image_tokens}
     try:
-        path = build_tiny_model(args.output_dir, seed=args.seed, image_size=args.image_size)
-    except ValueError as exc:
+        path = family.build_tiny(args.output_dir, seed=args.seed, **kwargs)
+    except (ValueError, FamilyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"tiny Gemma 3 written to {path}")
+    print(f"tiny {family.display} written to {path}")
     return 0

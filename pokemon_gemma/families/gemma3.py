@@ -34,6 +34,9 @@ class Gemma3(Family):
     hub_ids = ("google/gemma-3-4b-it", "google/gemma-3-12b-it", "google/gemma-3-27b-it")
     train_defaults = {"model_name": "google/gemma-3-4b-it"}
 
+    def image_sequence(self, processor, n_tokens: int) -> str:
+        return processor.full_image_sequence  # "\n\n<start_of_image>" + soft tokens + "<end_of_image>\n\n"
+
     def images_bidirectional(self, config) -> bool:
         # Gemma 3 builds its "same image" attention blocks from token_type_ids on every layer.
         return True

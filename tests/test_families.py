@@ -1,0 +1,95 @@
+"""Model families behind one interface: QLoRA keeps the vision side unquantised, the family comes from
+the config, and Gemma 4's prompt, labels and vision inputs are exactly what its processor makes."""
+
+import collections
+
+import pytest
+import torch
+
+from pokemon_gemma.collate import IGNORE_INDEX, Collator
+from pokemon_gemma.dataset import load_records
+from pokemon_gemma.families import FamilyError, family_of, get_family
+from pokemon_gemma.modeling import ModelLoadError, apply_lora, load_model, load_processor
+from tests.helpers import write_dataset
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    return load_records(write_dataset(tmp_path_factory.mktemp("family_data"), 4, seed=0))
+
+
+def linear_kinds(model) -> collections.Counter:
+    kinds = collections.Counter()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            part = ".".join(name.split(".")[:2]) if name.startswith("model.") else name
+            kinds[(part, type(module).__name__)] += 1
+    return kinds
+
+
+@pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_gemma4_dir"])
+def test_qlora_quantises_only_the_language_model(fixture, request):
+    # A bare "vision_tower" skip name matched nothing: the vision tower was quantised too.
+    model = load_model(str(request.getfixturevalue(fixture)), qlora=True)
+    kinds = linear_kinds(model)
+    quantised = {part for (part, kind) in kinds if kind == "Linear4bit"}
+    assert quantised == {"model.language_model"}, kinds
+    assert kinds[("model.vision_tower", "Linear")] > 0 and kinds[("lm_head", "Linear")] == 1
+
+
+def test_family_comes_from_the_config(tiny_model_dir, tiny_gemma4_dir):
+    from transformers import AutoConfig
+
+    assert family_of(AutoConfig.from_pretrained(tiny_model_dir)).name == "gemma3"
+    assert family_of(AutoConfig.from_pretrained(tiny_gemma4_dir)).name == "gemma4"
+    with pytest.raises(FamilyError, match="model_type 'llama' is not a supported family"):
+        family_of("llama")
+    with pytest.raises(FamilyError, match="--image_tokens 100: Gemma 4 takes one of 70, 140"):
+        get_family("gemma4").set_image_tokens(load_processor(str(tiny_gemma4_dir)), 100)
+
+
+def test_gemma3n_says_what_it_needs_on_this_install():
+    family = get_family("gemma3n")
+    try:
+        family.check_available()
+    except FamilyError as exc:
+        message = str(exc)
+        assert "\n" not in message and "timm" in message and "torchvision" in message
+        return
+    pytest.skip("timm and torchvision import here: Gemma 3n is available (GPU install)")
+
+
+def test_gemma4_sample_is_exactly_what_its_processor_makes(tiny_gemma4_dir, records):
+    processor = load_processor(str(tiny_gemma4_dir))
+    collator = Collator(processor)
+    record = records[0]
+    sample = collator.encode(record)
+    batch = collator.pad([sample])
+    frames = [collator.frames.load(p) for p in record.frames]
+    text = collator.prompt_text(record.context, record.question) + collator.answer_text(record.output)
+    ref = processor(text=[text], images=[frames], return_tensors="pt", add_special_tokens=False)
+    assert torch.equal(batch["input_ids"], ref["input_ids"])
+    assert torch.equal(batch["mm_token_type_ids"], ref["mm_token_type_ids"]) and "token_type_ids" not in batch
+    assert torch.equal(batch["pixel_values"], ref["pixel_values"].float())
+    assert torch.equal(batch["image_position_ids"], ref["image_position_ids"])
+    # 240x160 frames at the tiny's budget 70 with 8-px patches, pooling 2: 60 soft tokens each.
+    per_image = get_family("gemma4").tokens_per_image(processor, (240, 160))
+    assert int(sample.token_type_ids.sum()) == 4 * 60 == 4 * per_image
+    labelled = sample.input_ids[sample.labels != IGNORE_INDEX]
+    assert processor.tokenizer.decode(labelled) == record.output + "<turn|>"
+    assert collator.sample_length(record) == sample.length  # from the frames' headers, no decoding
+
+
+def test_gemma4_image_budget_changes_the_prompt(tiny_gemma4_dir, records):
+    processor = load_processor(str(tiny_gemma4_dir))
+    get_family("gemma4").set_image_tokens(processor, 140)
+    sample = Collator(processor).encode(records[0])
+    assert int(sample.token_type_ids.sum()) == 4 * 126
+
+
+def test_gemma4_lora_wraps_the_vision_linears_inside_their_clippable_wrappers(tiny_gemma4_dir):
+    model = apply_lora(load_model(str(tiny_gemma4_dir)), r=4, alpha=8, targets="language+vision")
+    wrapped = [n for n, m in model.named_modules() if hasattr(m, "lora_A") and n.endswith(".linear")]
+    assert wrapped and all(".vision_tower.encoder.layers." in n for n in wrapped)
+    with pytest.raises(ModelLoadError, match="--lora_targets 'vision'"):
+        apply_lora(load_model(str(tiny_gemma4_dir)), targets="vision")
