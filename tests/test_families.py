@@ -93,3 +93,73 @@ def test_gemma4_lora_wraps_the_vision_linears_inside_their_clippable_wrappers(ti
     assert wrapped and all(".vision_tower.encoder.layers." in n for n in wrapped)
     with pytest.raises(ModelLoadError, match="--lora_targets 'vision'"):
         apply_lora(load_model(str(tiny_gemma4_dir)), targets="vision")
+
+
+# --- Gemma 4 through training, evaluation and merge (the checks the Gemma 3 tests make)
+
+
+@pytest.fixture(scope="module")
+def eval_dataset(tmp_path_factory):
+    from tests.test_evaluate import write_dataset as write_eval_dataset
+
+    return write_eval_dataset(tmp_path_factory.mktemp("g4_eval_data"))
+
+
+@pytest.fixture(scope="module")
+def confident_gemma4_dir(tiny_gemma4_dir, eval_dataset, tmp_path_factory):
+    """The tiny Gemma 4 fine-tuned (answer-only loss from the Collator labels) on the first 3 samples."""
+    from pokemon_gemma.modeling import load_for_inference
+
+    torch.manual_seed(0)
+    model, processor = load_for_inference(str(tiny_gemma4_dir), device="cpu")
+    batch = Collator(processor, 2048, "images")(load_records(eval_dataset)[:3])
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert loss.item() < 0.05, f"the tiny Gemma 4 did not fit 3 samples (loss {loss.item():.3f})"
+    out = tmp_path_factory.mktemp("confident_gemma4")
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+@pytest.mark.slow  # trains the confident model
+def test_gemma4_score_and_generate_agree_on_a_confident_model(confident_gemma4_dir, eval_dataset, tmp_path):
+    import json
+
+    from tests.test_evaluate import run_eval
+
+    scored = run_eval(confident_gemma4_dir, eval_dataset, tmp_path / "score", limit=3)
+    generated = run_eval(
+        confident_gemma4_dir, eval_dataset, tmp_path / "gen", limit=3, mode="generate", max_new_tokens=48
+    )
+    read = lambda d: [json.loads(x) for x in (tmp_path / d / "predictions.jsonl").read_text().splitlines()]  # noqa: E731
+    assert [r["predicted"] for r in read("score")] == [r["predicted"] for r in read("gen")] == ["up", "down", "left"]
+    assert scored["accuracy"] == generated["accuracy"] == 1.0 and generated["json_valid_rate"] == 1.0
+
+
+def test_gemma4_merge_is_verified_and_answers_like_the_adapter(tiny_gemma4_dir, eval_dataset, tmp_path):
+    from pokemon_gemma.export import merge_lora
+    from tests.test_evaluate import _probabilities, run_eval
+
+    torch.manual_seed(0)
+    peft_model = apply_lora(load_model(str(tiny_gemma4_dir)), r=4, alpha=8, targets="language+vision")
+    with torch.no_grad():  # lora_B starts at zero (adapter = base); give it weights that change the answers
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.3)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    manifest = merge_lora(
+        str(tiny_gemma4_dir), tmp_path / "adapter", tmp_path / "merged", dtype="fp32", verify=True, n_samples=2
+    )
+    check = manifest["verification"]
+    assert check["passed"] and check["max_abs_logit_diff"] <= 1e-3 < check["adapter_effect"], check
+    adapted = run_eval(tmp_path / "adapter", eval_dataset, tmp_path / "adapted", limit=3)
+    merged = run_eval(tmp_path / "merged", eval_dataset, tmp_path / "merged_eval", limit=3)
+    assert (adapted["model_kind"], merged["model_kind"]) == ("adapter", "merged")
+    for a_row, m_row in zip(_probabilities(tmp_path / "adapted"), _probabilities(tmp_path / "merged_eval")):
+        assert m_row == pytest.approx(a_row, abs=1e-5)

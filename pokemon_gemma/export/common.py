@@ -172,8 +172,10 @@ def torch_logits(model, collator, sample: VerifySample, token_type_ids: bool = T
     kwargs = dict(
         input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=enc.pixel_values.to(param.device, param.dtype)
     )
-    if token_type_ids:
-        kwargs["token_type_ids"] = enc.token_type_ids[None].to(param.device)
+    for key, value in (enc.pixel_extras or {}).items():  # Gemma 4: image_position_ids
+        kwargs[key] = value.to(param.device)
+    if token_type_ids:  # under the family's key (Gemma 4: mm_token_type_ids)
+        kwargs[collator.family.token_type_key] = enc.token_type_ids[None].to(param.device)
     with torch.no_grad():
         return model(**kwargs).logits[0].float().cpu(), enc
 

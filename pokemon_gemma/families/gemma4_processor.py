@@ -54,11 +54,21 @@ class Gemma4ImageTextProcessor(Gemma4Processor):
             **kwargs,
         )
 
+    def to_dict(self) -> dict:
+        # Saved folders name the hub's class, so they load as a Gemma4Processor wherever torchvision works.
+        out = super().to_dict()
+        out["processor_class"] = "Gemma4Processor"
+        return out
+
 
 def load_processor(model_name: str | Path, **kwargs):
-    """AutoProcessor where torchvision imports, else the same processor without video."""
+    """AutoProcessor where torchvision imports (and the folder has a video processor section: one saved
+    without torchvision has none), else the same processor without video."""
     if is_torchvision_available():
         from transformers import AutoProcessor
 
-        return AutoProcessor.from_pretrained(model_name, **kwargs)
+        try:
+            return AutoProcessor.from_pretrained(model_name, **kwargs)
+        except OSError:
+            pass
     return Gemma4ImageTextProcessor.from_pretrained(model_name, **kwargs)
