@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pokemon_gemma.artifacts import model_type
 from pokemon_gemma.collate import IGNORE_INDEX, Collator, SampleError
 from pokemon_gemma.dataset import QUESTION, Record, load_records, make_output
 from tests.conftest import REPO_ROOT
@@ -25,6 +26,12 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", 
 def data(tmp_path_factory):
     folder = tmp_path_factory.mktemp("train_data")
     return write_dataset(folder, 24, seed=0), write_dataset(folder, 8, seed=1, name="val.jsonl")
+
+
+@pytest.fixture(params=["gemma3", "gemma4"])
+def family_model_dir(request):
+    """The tiny model of each family (tests that must hold for every family take this)."""
+    return request.getfixturevalue({"gemma3": "tiny_model_dir", "gemma4": "tiny_gemma4_dir"}[request.param])
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +145,8 @@ def _grads(tiny_model_dir, dataset, batch, accum, out, processes=1):
 
 
 @pytest.mark.slow  # 3 training subprocesses
-def test_gradients_equal_for_batch_accum_and_process_splits(tiny_model_dir, tmp_path):
+def test_gradients_equal_for_batch_accum_and_process_splits(family_model_dir, tmp_path):
+    tiny_model_dir = family_model_dir
     # Answers of different lengths make per-micro-batch averaging visibly wrong.
     dataset = write_dataset(tmp_path, 4, seed=5)
     rows = [json.loads(line) for line in dataset.read_text().splitlines()]
@@ -151,9 +159,13 @@ def test_gradients_equal_for_batch_accum_and_process_splits(tiny_model_dir, tmp_
     assert g_41.keys() == g_14.keys() == g_2x2.keys() and len(g_41) > 0
     scale = max(float(g.abs().max()) for g in g_41.values())
     assert scale > 0
+    # Gemma 4 has more norms computed in float32 whatever the model dtype (q/k/v norms in both towers):
+    # the same split differs by float rounding only, measured 1.2e-5 here (a duplicated sample in a batch
+    # of 2 vs alone: 2.9e-7 of the full model's gradient scale with the weights in float64, norms still float32).
+    tolerance = {"gemma3": 1e-5, "gemma4": 3e-5}[model_type(tiny_model_dir)]
     for other in (g_14, g_2x2):
         worst = max(float((g_41[k] - other[k]).abs().max()) for k in g_41)
-        assert worst / scale <= 1e-5, worst / scale
+        assert worst / scale <= tolerance, worst / scale
 
 
 def _adapter(path):
@@ -173,7 +185,8 @@ def _kill_after_checkpoint(cmd, out, checkpoint="checkpoint-2"):
 
 
 @pytest.mark.slow  # trains (3 runs)
-def test_sigkill_then_resume_ends_with_identical_adapter(tiny_model_dir, data, tmp_path):
+def test_sigkill_then_resume_ends_with_identical_adapter(family_model_dir, data, tmp_path):
+    tiny_model_dir = family_model_dir
     train, val = data
     extra = ["--max_steps", "8", "--save_steps", "2", "--lora_dropout", "0.1", "--batch_size", "3"]
     ref = subprocess.run(
