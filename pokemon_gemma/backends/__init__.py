@@ -137,8 +137,10 @@ def load_backend(
             token=token,
             version=version,
         )
-    except (BackendError, ModelLoadError):
+    except BackendError:
         raise
+    except ModelLoadError as exc:  # already one line (e.g. a family this install cannot run)
+        raise BackendError(str(exc)) from None
     except ImportError as exc:
         raise BackendError(
             f"the {name} backend is not available ({first_line(exc)}); install it or use another --backend"

@@ -19,7 +19,7 @@ def main(argv=None) -> int:
     )
     args = parser.parse_args(argv)
     family = get_family(args.family)
-    kwargs = {"image_size": args.image_size} if family.name == "gemma3" else {"max_soft_tokens": args.image_tokens}
+    kwargs = {"max_soft_tokens": args.image_tokens} if family.image_budgets else {"image_size": args.image_size}
     try:
         path = family.build_tiny(args.output_dir, seed=args.seed, **kwargs)
     except (ValueError, FamilyError) as exc:
