@@ -19,6 +19,7 @@ from pokemon_gemma.cli import merge as merge_qlora  # noqa: E402
 from pokemon_gemma.collate import Collator  # noqa: E402
 from pokemon_gemma.dataset import BUTTONS  # noqa: E402
 from pokemon_gemma.export import common, mlx, mlx_fixes  # noqa: E402
+from pokemon_gemma.families import get_family  # noqa: E402
 from pokemon_gemma.modeling import apply_lora, load_for_inference, load_model, load_processor  # noqa: E402
 
 
@@ -229,7 +230,7 @@ def test_fp32_export_matches_pytorch(mlx_fp32_dir, merged_dir):
     applied = {f["fix"] for f in manifest["fixes_applied"]}
     assert (
         applied
-        == set(mlx_fixes.MLX_FIXES)
+        == set(get_family("gemma3").mlx_fixes)
         == {
             "fix_mm_tokens_in_text_config",
             "fix_top_level_hidden_size",

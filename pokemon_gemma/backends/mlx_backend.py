@@ -128,14 +128,29 @@ class MlxButtonScorer(ButtonScorer):
     def dtype(self):
         return None
 
-    def pixel_values(self, images: list[Image.Image]):
+    def pixel_inputs(self, images: list[Image.Image]) -> dict:
+        """The collator's vision inputs as MLX arrays (pixel_values float32; Gemma 4: image_position_ids)."""
         import mlx.core as mx
 
-        out = self.processor.image_processor(images, return_tensors="np")["pixel_values"]
-        return mx.array(np.asarray(out, dtype=np.float32))
+        return {
+            k: mx.array(v.float().numpy() if v.is_floating_point() else v.numpy())
+            for k, v in self.collator.pixel_inputs(images).items()
+        }
+
+    def pixel_values(self, images: list[Image.Image]):
+        return self.pixel_inputs(images)["pixel_values"]
+
+    @property
+    def encodes_images(self) -> bool:
+        """mlx-vlm's Gemma 4 has `encode_image` (vision tower + embed_vision) and per-layer inputs; its
+        Gemma 3 has neither (features come from vision_tower + multi_modal_projector here)."""
+        return hasattr(self.model, "encode_image")
 
     def image_features(self, images: list[Image.Image]):
         """Projected vision features (n_images, tokens, hidden), as the server caches them per frame."""
+        if self.encodes_images:
+            px = self.pixel_inputs(images)
+            return self.model.encode_image(px["pixel_values"], px.get("image_position_ids"))
         pv = self.pixel_values(images)
         # The vision side is never quantised: compute it in the projector's dtype.
         dtype = self.model.multi_modal_projector.mm_input_projection_weight.dtype
@@ -161,6 +176,18 @@ class MlxButtonScorer(ButtonScorer):
         )
         return merged
 
+    def _forward(self, input_ids, features=None, cache=None):
+        """Language-model logits for `input_ids` with image `features` on the image soft tokens."""
+        if self.encodes_images:
+            # pixel_values only has to be non-None for mlx-vlm to place the cached features.
+            emb = self.model.get_input_embeddings(
+                input_ids=input_ids, pixel_values=features, cached_image_features=features
+            )
+            return self.model.language_model(
+                input_ids=None, inputs_embeds=emb.inputs_embeds, per_layer_inputs=emb.per_layer_inputs, cache=cache
+            ).logits
+        return self.model.language_model(input_ids, inputs_embeds=self._embed(input_ids, features), cache=cache).logits
+
     def logits(self, input_ids: np.ndarray, images: list[Image.Image] | None = None, features=None) -> np.ndarray:
         """Full-sequence logits (T, vocab) as float32 numpy: causal attention everywhere."""
         import mlx.core as mx
@@ -168,8 +195,7 @@ class MlxButtonScorer(ButtonScorer):
         ids = mx.array(np.asarray(input_ids).reshape(1, -1))
         if features is None and images is not None:
             features = self.image_features(images)
-        embeds = self._embed(ids, features)
-        out = self.model.language_model(ids, inputs_embeds=embeds).logits
+        out = self._forward(ids, features)
         return np.array(out[0].astype(mx.float32))
 
     def score(self, frames: list[Image.Image], context: str, question: str, features=None) -> ButtonScores:
@@ -177,17 +203,17 @@ class MlxButtonScorer(ButtonScorer):
         import mlx.core as mx
 
         images = self.collator.images_for([], frames)
+        sizes = [im.size for im in images]
         prompt = self.collator.prompt_text(context, question)
-        full = [self.collator.expanded_ids(prompt + answer_prefix(b)) for b in BUTTONS]
+        full = [self.collator.expanded_ids(prompt + answer_prefix(b), sizes) for b in BUTTONS]
         shared = _common_prefix_length(full)
-        start = answer_start(self.collator, prompt, full, shared)
+        start = answer_start(self.collator, prompt, full, shared, sizes)
         prefix = mx.array([full[0][:shared]])
-        self.collator._check("scoring prompt", _as_torch(full[0][:shared]), [im.size for im in images])
+        self.collator._check("scoring prompt", _as_torch(full[0][:shared]), sizes)
         if features is None:
             features = self.image_features(images)
         cache = self.model.language_model.make_cache()
-        embeds = self._embed(prefix, features)
-        out = self.model.language_model(prefix, inputs_embeds=embeds, cache=cache).logits
+        out = self._forward(prefix, features, cache)
         kept = out[0, start - 1 :].astype(mx.float32)  # the answers' shared opening and the first distinct token
         prefix_logprobs = np.array(kept - mx.logsumexp(kept, axis=-1, keepdims=True))
         opening = sum(float(prefix_logprobs[j, token]) for j, token in enumerate(full[0][start:shared]))
@@ -226,8 +252,10 @@ class MlxButtonScorer(ButtonScorer):
         ids = mx.array(enc["input_ids"])
         stop = {self.tokenizer.eos_token_id, self.collator.end_of_turn_id}
         out: list[int] = []
+        pixels = self.pixel_inputs(images)
+        pixel_values = pixels.pop("pixel_values")  # the rest (Gemma 4: image_position_ids) go as keywords
         for token, _ in generate_step(
-            ids, self.model, self.pixel_values(images), mx.ones(ids.shape), max_tokens=max_new_tokens, temperature=0.0
+            ids, self.model, pixel_values, mx.ones(ids.shape), max_tokens=max_new_tokens, temperature=0.0, **pixels
         ):
             token = int(token)
             if token in stop:

@@ -23,6 +23,7 @@ import numpy as np
 from ..artifacts import MERGE_MANIFEST, MLX_MANIFEST, read_json
 from ..artifacts import frame_layout as recorded_frame_layout
 from ..dataset import QUESTION
+from ..families import FamilyError, family_of
 from ..fileio import atomic_write_json, now_iso, scratch_dir, staged_dir
 from .common import (
     ExportError,
@@ -36,7 +37,7 @@ from .common import (
     verify_progress,
     weights_bytes,
 )
-from .mlx_fixes import MLX_FIXES, prepare_mlx_source
+from .mlx_fixes import prepare_mlx_source
 
 log = logging.getLogger(__name__)
 
@@ -279,12 +280,12 @@ def export_mlx(
         config = json.loads((source / "config.json").read_text())
     except ValueError as exc:
         raise ExportError(f"{source}/config.json: invalid JSON ({exc})", code=2) from None
-    if config.get("model_type") != "gemma3":
-        raise ExportError(
-            f"{source}/config.json: model_type {config.get('model_type')!r} is not gemma3 "
-            "(export a merged Gemma 3 folder)",
-            code=2,
-        )
+    try:
+        family = family_of(config.get("model_type"))
+    except FamilyError as exc:
+        raise ExportError(f"{source}/config.json: {exc}", code=2) from None
+    if family.mlx_unsupported:
+        raise ExportError(f"{source}: {family.mlx_unsupported}", code=2)
     if not any(source.glob("*.safetensors")):
         raise ExportError(f"{source}: no *.safetensors weights (save the model with safe_serialization)", code=2)
     output = check_output_dir(output_path, overwrite)
@@ -297,7 +298,7 @@ def export_mlx(
     samples, samples_source = load_samples(verify_data, n_samples) if verify else ([], None)
 
     with staged_dir(output, tag="mlx") as staging, scratch_dir(output, "mlx-src") as work:
-        fixes = prepare_mlx_source(source, work)
+        fixes = prepare_mlx_source(source, work, family.mlx_fixes)
         for fix in fixes:
             log.info("fix applied: %s", fix["change"])
         convert_s = run_mlx_converter(work, staging, bits=quantization_bits, group_size=group_size, dtype=dtype)
@@ -323,13 +324,15 @@ def export_mlx(
             "dtype": dtype,
             "frame_layout": frame_layout,
             "fixes_applied": fixes,
-            "fixes_checked": MLX_FIXES,
+            "fixes_checked": list(family.mlx_fixes),
             "tokenizer_files_copied_from_source": copied,
             "converter": "python -m mlx_vlm convert (subprocess, HF_HUB_OFFLINE=1)",
             "known_differences": {
                 "image_attention": "mlx-vlm attends causally inside images; transformers with token_type_ids "
                 "(training) attends bidirectionally: see buttons.agreement_*",
-                "mlx_vlm_default_prompt_bos_count": mlx_vlm_default_bos_count(staging),
+                "mlx_vlm_default_prompt_bos_count": mlx_vlm_default_bos_count(staging)
+                if family.name == "gemma3"  # the check uses mlx-vlm's Gemma 3 processor
+                else None,
                 "scorer_prompt_bos_count": 1,
             },
             "created": now_iso(),

@@ -1,5 +1,6 @@
-"""The fixes mlx-vlm's converter needs on a transformers-5 Gemma 3 folder, each applied only when
-needed (measured with mlx 0.32 / mlx-vlm 0.7.10 / transformers 5.23: several fail silently)."""
+"""The fixes mlx-vlm's converter needs on a transformers-5 folder, each applied only when needed
+(measured with mlx 0.32 / mlx-vlm 0.7.10 / transformers 5.23: several fail silently). Which fixes a
+model family needs is the family's `mlx_fixes` (pokemon_gemma.families)."""
 
 from __future__ import annotations
 
@@ -64,19 +65,40 @@ def fix_rope_parameters(config: dict) -> str | None:
     return "text_config from rope_parameters: " + ", ".join(changes)
 
 
+def fix_global_head_dim(config: dict) -> str | None:
+    """Gemma 4: transformers 5.23 saves `global_head_dim` / `num_global_key_value_heads` only as
+    `per_layer_config` {full layer: {"head_dim", "num_key_value_heads"}}; mlx-vlm reads
+    `text_config.global_head_dim` (default 512), so every full-attention shape is wrong ("Expected
+    shape (1024, 64) but received shape (128, 64) for ...layers.2.self_attn.q_proj.weight")."""
+    text = config.get("text_config", {})
+    per_layer = text.get("per_layer_config") or {}
+    full = [
+        str(i) for i, t in enumerate(text.get("layer_types") or []) if t == "full_attention" and str(i) in per_layer
+    ]
+    if not full:
+        return None
+    overrides, changes = per_layer[full[0]], []
+    for source, key in (("head_dim", "global_head_dim"), ("num_key_value_heads", "num_global_key_value_heads")):
+        if source in overrides and text.get(key) != overrides[source]:
+            text[key] = overrides[source]
+            changes.append(f"{key}={overrides[source]}")
+    return "text_config from per_layer_config: " + ", ".join(changes) if changes else None
+
+
 CONFIG_FIXES: tuple[Callable[[dict], str | None], ...] = (
     fix_mm_tokens_in_text_config,
     fix_top_level_hidden_size,
     fix_rope_parameters,
+    fix_global_head_dim,
 )
 VISION_PREFIX_FIX = "vision_tower.* weights renamed to vision_tower.vision_model.*"
 MLX_FIXES = [f.__name__ for f in CONFIG_FIXES] + ["fix_vision_tower_prefix"]
 
 
-def apply_config_fixes(config: dict) -> list[dict[str, str]]:
-    """Apply every config fix that is needed; [{"fix": name, "change": what changed}] for those."""
+def apply_config_fixes(config: dict, names=tuple(MLX_FIXES)) -> list[dict[str, str]]:
+    """Apply every config fix in `names` that is needed; [{"fix": name, "change": what changed}] for those."""
     applied = []
-    for fix in CONFIG_FIXES:
+    for fix in (f for f in CONFIG_FIXES if f.__name__ in names):
         change = fix(config)
         if change:
             applied.append({"fix": fix.__name__, "change": change})
@@ -121,8 +143,9 @@ def fix_vision_tower_prefix(folder: Path) -> str | None:
     return f"{VISION_PREFIX_FIX} ({renamed} tensors)" if renamed else None
 
 
-def prepare_mlx_source(model_path: Path, work_dir: Path) -> list[dict[str, str]]:
-    """A fixed copy of `model_path` in `work_dir` (weights linked unless rewritten); the fixes applied."""
+def prepare_mlx_source(model_path: Path, work_dir: Path, names=tuple(MLX_FIXES)) -> list[dict[str, str]]:
+    """A fixed copy of `model_path` in `work_dir` (weights linked unless rewritten) with the fixes in
+    `names` (the family's) applied where needed; the fixes applied."""
     for item in model_path.iterdir():
         dest = work_dir / item.name
         if item.is_dir():
@@ -132,11 +155,11 @@ def prepare_mlx_source(model_path: Path, work_dir: Path) -> list[dict[str, str]]
         else:
             shutil.copy2(item, dest)
     config = json.loads((work_dir / "config.json").read_text())
-    fixes = apply_config_fixes(config)
+    fixes = apply_config_fixes(config, names)
     if fixes:
         (work_dir / "config.json").unlink()
         atomic_write_json(work_dir / "config.json", config)
-    vision = fix_vision_tower_prefix(work_dir)
+    vision = fix_vision_tower_prefix(work_dir) if "fix_vision_tower_prefix" in names else None
     if vision:
         fixes.append({"fix": "fix_vision_tower_prefix", "change": vision})
     return fixes

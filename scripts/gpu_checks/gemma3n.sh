@@ -11,6 +11,7 @@
 set -u
 PY=${PYTHON:-python}
 OUT=${OUT:-$(mktemp -d)}
+mkdir -p "$OUT"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} WANDB_MODE=offline HF_HUB_OFFLINE=1 PYTHONPATH=${PYTHONPATH:-.}
 status=0
 stage() {  # stage NAME COMMAND...: run, keep the log, print PASS/FAIL with the log's last line
