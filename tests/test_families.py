@@ -186,3 +186,38 @@ def test_gemma4_merge_is_verified_and_answers_like_the_adapter(tiny_gemma4_dir, 
     assert (adapted["model_kind"], merged["model_kind"]) == ("adapter", "merged")
     for a_row, m_row in zip(_probabilities(tmp_path / "adapted"), _probabilities(tmp_path / "merged_eval")):
         assert m_row == pytest.approx(a_row, abs=1e-5)
+
+
+@pytest.mark.slow  # trains the confident model and exports it
+def test_gemma4_mlx_export_matches_pytorch_and_scores_like_it(confident_gemma4_dir, eval_dataset, tmp_path):
+    import json
+
+    pytest.importorskip("mlx_vlm")
+    from pokemon_gemma.export import export_mlx
+    from tests.test_evaluate import run_eval
+
+    manifest = export_mlx(confident_gemma4_dir, tmp_path / "mlx", quantization_bits=None, n_samples=4)
+    assert [f["fix"] for f in manifest["fixes_applied"]] == ["fix_global_head_dim"]  # no Gemma 3 prefix rename
+    check = manifest["verification"]
+    assert check["passed"] and check["logits"]["max_abs_diff"] <= 1e-3, check["logits"]
+    assert check["buttons"]["agreement_vs_pytorch_causal"] == 1.0
+    torch_eval = run_eval(confident_gemma4_dir, eval_dataset, tmp_path / "torch", limit=3)
+    mlx_eval = run_eval(tmp_path / "mlx", eval_dataset, tmp_path / "mlx_eval", limit=3)
+    generated = run_eval(
+        tmp_path / "mlx", eval_dataset, tmp_path / "mlx_gen", limit=3, mode="generate", max_new_tokens=48
+    )
+    assert mlx_eval["model_kind"] == "mlx" and mlx_eval["accuracy"] == torch_eval["accuracy"] == 1.0
+    assert generated["accuracy"] == 1.0 and generated["json_valid_rate"] == 1.0
+    raw = [json.loads(x)["raw_output"] for x in (tmp_path / "mlx_gen" / "predictions.jsonl").read_text().splitlines()]
+    assert json.loads(raw[0])["button"] == "up"
+
+
+def test_gemma3n_mlx_export_is_refused_with_the_reason(tmp_path):
+    from transformers import Gemma3nConfig
+
+    from pokemon_gemma.export import ExportError, export_mlx
+
+    Gemma3nConfig().save_pretrained(tmp_path / "g3n")
+    (tmp_path / "g3n" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ExportError, match="mlx-vlm 0.7.10 cannot export Gemma 3n"):
+        export_mlx(tmp_path / "g3n", tmp_path / "out")
