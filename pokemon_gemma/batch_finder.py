@@ -358,7 +358,7 @@ def find_batch_size(
         raise FinderError("--max_batch_size must be at least 1")
     records = load_records(s.dataset_path)
     device = resolve_device(device)
-    processor = load_processor(s.model_name, token=s.hub_token)
+    processor = load_processor(s.model_name, token=s.hub_token, image_tokens=s.image_tokens)
     collator = Collator(processor, s.max_seq_length, s.frame_layout)
     try:
         trainable = filter_trainable_samples(records, collator, Path(s.dataset_path).name)
@@ -415,6 +415,7 @@ def find_batch_size(
                 "gradient_checkpointing",
                 "max_seq_length",
                 "frame_layout",
+                "image_tokens",
                 "mixed_precision",
                 "lora_r",
                 "lora_targets",

@@ -66,6 +66,9 @@ class Settings:
     frame_layout: str = _f(
         "images", "4 separate images, or one 2x2 grid image (1/4 of the image tokens)", ("images", "grid")
     )
+    image_tokens: int = _f(
+        0, "Gemma 4: soft tokens per image, 70/140/280/560/1120 (saved with the run's processor; 0 = the model's)"
+    )
     eval_steps: int = _f(50, "evaluate every N optimizer steps (0 = only at the end)")
     save_steps: int = _f(50, "checkpoint every N optimizer steps (0 = only at the end)")
     save_total_limit: int = _f(3, "checkpoints kept (oldest removed)")

@@ -48,11 +48,14 @@ def family_for(model_name: str, token: str | None = None) -> Family:
     return family_for_model(model_name, token)
 
 
-def load_processor(model_name: str, token: str | None = None):
+def load_processor(model_name: str, token: str | None = None, image_tokens: int = 0):
+    """The model's processor; `image_tokens` sets Gemma 4's soft-token budget per image (0: the model's)."""
     family = family_for(model_name, token)
     try:
         family.check_available()  # also for a folder whose processor_config named the family
-        return family.load_processor(model_name, **_token_kwargs(token))
+        processor = family.load_processor(model_name, **_token_kwargs(token))
+        family.set_image_tokens(processor, image_tokens)
+        return processor
     except FamilyError as exc:
         raise ModelLoadError(f"{model_name}: {exc}") from None
     except (OSError, ValueError, ImportError) as exc:

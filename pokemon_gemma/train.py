@@ -59,6 +59,7 @@ TRAIN_FLAGS = [
     "gradient_checkpointing",
     "mixed_precision",
     "frame_layout",
+    "image_tokens",
     "eval_steps",
     "save_steps",
     "save_total_limit",
@@ -161,7 +162,7 @@ def make_scheduler(optimizer, s: Settings, total_steps: int):
 
 def build_model(s: Settings):
     """Model (+ LoRA) and processor exactly as a hub id would load."""
-    processor = load_processor(s.model_name, token=s.hub_token)
+    processor = load_processor(s.model_name, token=s.hub_token, image_tokens=s.image_tokens)
     precision = "bf16" if s.mixed_precision == "bf16" else "no"
     model = load_model(s.model_name, precision=precision, qlora=s.use_qlora, token=s.hub_token)
     if s.use_peft or s.use_qlora:

@@ -293,7 +293,7 @@ def check_tokens(rows: list[Row], bad_frames: set[str], s: Settings, report: Rep
     from .modeling import ModelLoadError, load_processor
 
     try:
-        processor = load_processor(s.model_name, token=s.hub_token)
+        processor = load_processor(s.model_name, token=s.hub_token, image_tokens=s.image_tokens)
     except ModelLoadError as exc:
         report.error("tokens", "model", str(exc), "pass a loadable --model_name to check the token budget")
         report.checks["tokens"] = "not checked: processor not loadable"
@@ -553,6 +553,7 @@ def validate(s: Settings, files: dict[str, Path], encode_samples: int = 8) -> Re
             "model_name",
             "max_seq_length",
             "frame_layout",
+            "image_tokens",
             "batch_size",
             "use_peft",
             "use_qlora",

@@ -221,3 +221,35 @@ def test_gemma3n_mlx_export_is_refused_with_the_reason(tmp_path):
     (tmp_path / "g3n" / "model.safetensors").write_bytes(b"")
     with pytest.raises(ExportError, match="mlx-vlm 0.7.10 cannot export Gemma 3n"):
         export_mlx(tmp_path / "g3n", tmp_path / "out")
+
+
+@pytest.mark.slow  # runs the training CLI
+def test_gemma4_image_budget_is_a_training_setting_saved_with_the_run(tiny_gemma4_dir, tiny_model_dir, tmp_path):
+    import subprocess
+
+    from tests.test_train import ENV, train_cmd
+
+    train = write_dataset(tmp_path, 4, seed=0)
+    proc = subprocess.run(
+        train_cmd(tiny_gemma4_dir, train, "", tmp_path / "run", "--max_steps", "1", "--image_tokens", "140"),
+        cwd=REPO_ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    processor = load_processor(str(tmp_path / "run"))  # evaluation and serving load the run's processor
+    assert get_family("gemma4").image_tokens_setting(processor) == 140
+    assert int(Collator(processor).encode(load_records(train)[0]).token_type_ids.sum()) == 4 * 126
+    for model, budget, message in ((tiny_gemma4_dir, "100", "Gemma 4 takes one of"), (tiny_model_dir, "70", "fixed")):
+        bad = subprocess.run(
+            train_cmd(model, train, "", tmp_path / f"bad{budget}", "--max_steps", "1", "--image_tokens", budget),
+            cwd=REPO_ROOT,
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        last = bad.stderr.strip().splitlines()[-1]
+        assert bad.returncode != 0 and f"--image_tokens {budget}" in last and message in last, bad.stderr[-800:]

@@ -18,6 +18,7 @@ SETTINGS_FLAGS = [
     "gradient_checkpointing",
     "max_seq_length",
     "frame_layout",
+    "image_tokens",
     "mixed_precision",
     "lora_r",
     "lora_alpha",

@@ -22,6 +22,7 @@ SETTINGS_FLAGS = [
     "model_name",
     "max_seq_length",
     "frame_layout",
+    "image_tokens",
     "batch_size",
     "use_peft",
     "use_qlora",
