@@ -105,9 +105,8 @@ class ButtonScorer:
         self.collator._check("scoring prompt", prefix[0], sizes)
         if features is None:
             features = self.image_features(images)
-        features = (
-            tuple(f.to(self.device) for f in features) if isinstance(features, tuple) else features.to(self.device)
-        )
+        # The server's cache hands back per-frame features stacked; each family takes them its own way.
+        features = self.collator.family.features_input(features, self.device)
         encoder_outputs = {"image": BaseModelOutputWithPooling(pooler_output=features)}
         token_types = None if self.causal_images else (prefix == self.collator.image_token_id).long()
         out = self.model(

@@ -253,3 +253,26 @@ def test_gemma4_image_budget_is_a_training_setting_saved_with_the_run(tiny_gemma
         )
         last = bad.stderr.strip().splitlines()[-1]
         assert bad.returncode != 0 and f"--image_tokens {budget}" in last and message in last, bad.stderr[-800:]
+
+
+@pytest.mark.slow  # starts the server
+def test_gemma4_server_predicts_and_cached_frame_features_answer_like_fresh_ones(tiny_gemma4_dir, tmp_path):
+    import math
+
+    from pokemon_gemma.dataset import BUTTONS
+    from pokemon_gemma.serve.client import predict_payload
+    from pokemon_gemma.serve.launch import ServerProcess
+    from tests.test_serve import FRAMES, client
+
+    with ServerProcess(["--model_path", str(tiny_gemma4_dir)], log_path=tmp_path / "server.log", cwd=tmp_path) as srv:
+        with client(srv.url) as c:
+            stream = [
+                c.post("/v1/predict", json=predict_payload(FRAMES[i : i + 4], session_id="g4")).json() for i in range(3)
+            ]
+            fresh = [c.post("/v1/predict", json=predict_payload(FRAMES[i : i + 4])).json() for i in range(3)]
+            r = c.post("/v1/predict", json={**predict_payload(FRAMES[:4], mode="generate"), "max_new_tokens": 8})
+    assert r.status_code == 200 and r.json()["mode"] == "generate"
+    assert [s["cache"] for s in stream] == [{"hits": 0, "frames_encoded": 4}] + [{"hits": 3, "frames_encoded": 1}] * 2
+    for s, f in zip(stream, fresh):
+        assert s["button"] == f["button"] and sorted(s["probabilities"]) == sorted(BUTTONS)
+        assert all(math.isclose(s["probabilities"][b], f["probabilities"][b], abs_tol=1e-5) for b in BUTTONS)

@@ -104,6 +104,11 @@ class Family:
         """Projected vision features (n_images, tokens, hidden) of the inner *Model (under PEFT/DDP)."""
         return model.get_image_features(pixel_inputs["pixel_values"], return_dict=True).pooler_output
 
+    def features_input(self, features, device) -> Any:
+        """`image_features` output (or per-image features stacked) as the model takes it back through
+        `mm_encoder_outputs`: Gemma 3 one (n_images, tokens, hidden) tensor."""
+        return features.to(device)
+
     # --- fine-tuning
     def lora_target(self, targets: str) -> str:
         if targets not in self.lora_targets:

@@ -97,6 +97,10 @@ class Gemma4(Family):
         )
         return out.pooler_output
 
+    def features_input(self, features, device):
+        # Gemma 4 concatenates a tuple of per-image (tokens, hidden) tensors (a stacked tensor is a TypeError).
+        return tuple(f.to(device) for f in features)
+
     def build_tiny(self, output_dir, seed: int = 0, **kwargs):
         from ..tiny_gemma4 import build_tiny_model
 
