@@ -276,3 +276,19 @@ def test_gemma4_server_predicts_and_cached_frame_features_answer_like_fresh_ones
     for s, f in zip(stream, fresh):
         assert s["button"] == f["button"] and sorted(s["probabilities"]) == sorted(BUTTONS)
         assert all(math.isclose(s["probabilities"][b], f["probabilities"][b], abs_tol=1e-5) for b in BUTTONS)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_gemma4_dir"])
+def test_image_token_types_change_attention_only_where_the_family_says(fixture, request, records):
+    # Gemma 3: images attend bidirectionally inside an image given token types; Gemma 4 E2B/E4B-like
+    # (use_bidirectional_attention None): causally either way, so the types change nothing.
+    folder = str(request.getfixturevalue(fixture))
+    model, processor = load_model(folder).eval(), load_processor(folder)
+    collator = Collator(processor)
+    batch = collator.pad([collator.encode(records[0])])
+    batch.pop("labels")
+    with torch.no_grad():
+        typed = model(**batch).logits
+        untyped = model(**{k: v for k, v in batch.items() if k != collator.family.token_type_key}).logits
+    differs = float((typed - untyped).abs().max()) > 1e-4
+    assert differs == collator.family.images_bidirectional(model.config)

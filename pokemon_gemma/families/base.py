@@ -8,8 +8,9 @@ A family says:
   budget setting where the family has one (Gemma 4: 70/140/280/560/1120);
 - `token_type_key`, `images_bidirectional`: which attention the images get and the input key that
   carries the image-token types;
-- `pixel_inputs`, `image_features`: what the vision side takes (Gemma 4 also `image_position_ids`)
-  and its projected features, which the scorer and the server's frame cache reuse;
+- `pixel_inputs`, `image_features`, `features_input`: what the vision side takes (Gemma 4 also
+  `image_position_ids`), its projected features, and how they go back into the model (the scorer and
+  the server's frame cache reuse them);
 - `lora_targets`, `lora_exclude`, `qlora_skip_modules`: LoRA target regexes for `language`,
   `language+vision`, `all-linear`, and the modules QLoRA keeps unquantised (full module names);
 - `mlx_fixes` / `mlx_unsupported`: what mlx-vlm needs before it converts the family, or why it cannot;
@@ -47,8 +48,6 @@ class Family:
     qlora_skip_modules: tuple[str, ...] = ()
     mlx_fixes: tuple[str, ...] = ()  # names in export.mlx_fixes, applied when needed
     mlx_unsupported: str | None = None  # why mlx-vlm cannot export this family (None: it can)
-    hub_ids: tuple[str, ...] = ()
-    train_defaults: dict[str, str] = {}  # train_<family>.sh flags
 
     def __repr__(self) -> str:
         return f"<family {self.name}>"

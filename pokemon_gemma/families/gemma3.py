@@ -31,8 +31,6 @@ class Gemma3(Family):
         "fix_rope_parameters",
         "fix_vision_tower_prefix",
     )
-    hub_ids = ("google/gemma-3-4b-it", "google/gemma-3-12b-it", "google/gemma-3-27b-it")
-    train_defaults = {"model_name": "google/gemma-3-4b-it"}
 
     def image_sequence(self, processor, n_tokens: int) -> str:
         return processor.full_image_sequence  # "\n\n<start_of_image>" + soft tokens + "<end_of_image>\n\n"

@@ -50,8 +50,6 @@ class Gemma3n(Family):
         "mlx-vlm 0.7.10 cannot export Gemma 3n (hard-coded MobileNetV5 vision tower, text embeddings without "
         "the sqrt(hidden) scale, KV-shared layers differ from transformers)"
     )
-    hub_ids = ("google/gemma-3n-E2B-it", "google/gemma-3n-E4B-it")
-    train_defaults = {"model_name": "google/gemma-3n-E2B-it"}
 
     def check_available(self) -> None:
         try:

@@ -41,8 +41,6 @@ class Gemma4(Family):
         "lm_head",
     )
     mlx_fixes = ("fix_global_head_dim",)
-    hub_ids = ("google/gemma-4-e2b-it", "google/gemma-4-e4b-it", "google/gemma-4-26B-A4B-it", "google/gemma-4-31B-it")
-    train_defaults = {"model_name": "google/gemma-4-e2b-it", "image_tokens": "280"}
 
     def load_processor(self, model_name: str, **kwargs):
         from .gemma4_processor import load_processor
