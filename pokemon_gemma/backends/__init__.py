@@ -2,13 +2,18 @@
 verification) talk to a `Backend` and never to torch, MLX or llama.cpp directly.
 
     backend.score(frames, context, question, features=None) -> ButtonScores   # the 8 full answers
+    backend.score_batch([ScoreItem(frames, context, question, features), ...]) -> [ButtonScores]
     backend.generate(frames, context, question, max_new_tokens) -> str        # greedy answer text
     backend.generate_batch([(frames, context, question), ...], max_new_tokens) -> [str]
     backend.encode_frames(images) -> [per-frame features]   # when supports_features (server cache)
     backend.fit_context(context, question) -> str           # shortened to fit the context window
 
-`frames` are the 4 decoded PIL frames, oldest first. `load_backend` picks the backend from the
-folder (an MLX export gets MLX, anything else torch) and resolves an adapter folder to its base.
+`frames` are the 4 decoded PIL frames, oldest first; `features` are per-frame vision features from
+`encode_frames` (or None: the backend runs the vision tower). `score` is the one-item case of
+`score_batch`; `batched_scoring` says whether a batch runs as one model pass (torch: one prompt pass
+and one answer pass for the whole batch) or item by item (MLX: see mlx_backend.py). `load_backend`
+picks the backend from the folder (an MLX export gets MLX, anything else torch) and resolves an
+adapter folder to its base.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from PIL import Image
 from ..artifacts import ArtifactError, is_mlx_export, resolve_model
 from ..artifacts import frame_layout as recorded_frame_layout
 from ..errors import first_line
-from ..scoring import ButtonScores
+from ..scoring import ButtonScores, ScoreItem
 
 BACKENDS = ("auto", "torch", "mlx")
 
@@ -37,6 +42,7 @@ class Backend(Protocol):
     model_version: str
     frame_layout: str
     supports_features: bool  # per-frame vision features (encode_frames / score(features=...))
+    batched_scoring: bool  # score_batch runs the batch as one model pass (else item by item)
     base_model: str | None
     adapter_path: str | None
 
@@ -47,6 +53,8 @@ class Backend(Protocol):
     def score(
         self, frames: list[Image.Image], context: str, question: str, features: list[Any] | None = None
     ) -> ButtonScores: ...
+
+    def score_batch(self, items: list[ScoreItem]) -> list[ButtonScores]: ...
 
     def generate(self, frames: list[Image.Image], context: str, question: str, max_new_tokens: int = 96) -> str: ...
 
@@ -151,21 +159,39 @@ class ScorerBackend:
         self._stack = stack
         # A 2x2 grid image depends on all 4 frames: only separate images have per-frame features.
         self.supports_features = frame_layout == "images"
+        self.batched_scoring = getattr(scorer, "batched_scoring", True)
+        self._fitted: dict[tuple[str, str], str] = {}  # fit_context results, oldest first
 
     def fit_context(self, context: str, question: str) -> str:
-        from ..dataset import BUTTONS
-        from ..scoring import answer_prefix
+        """Cached: an agent's requests repeat their context and question (a rejection is not cached)."""
+        key = (context, question)
+        fitted = self._fitted.get(key)
+        if fitted is None:
+            from ..dataset import BUTTONS
+            from ..scoring import answer_prefix
 
-        longest = max((answer_prefix(b) for b in BUTTONS), key=len)
-        return self.collator.fit_context(context, question, longest, "request")[0]
+            longest = max((answer_prefix(b) for b in BUTTONS), key=len)
+            fitted = self._fitted[key] = self.collator.fit_context(context, question, longest, "request")[0]
+            if len(self._fitted) > 256:
+                self._fitted.pop(next(iter(self._fitted)))
+        return fitted
 
     def encode_frames(self, images: list[Image.Image]) -> list[Any]:
         features = self.scorer.image_features(images)
         return [features[i] for i in range(len(images))]
 
     def score(self, frames, context, question, features=None) -> ButtonScores:
-        stacked = self._stack(features) if features is not None else None
-        return self.scorer.score(frames, context, question, features=stacked)
+        return self.score_batch([ScoreItem(frames, context, question, features)])[0]
+
+    def score_batch(self, items: list[ScoreItem]) -> list[ButtonScores]:
+        """Items' `features` are per-frame lists (as `encode_frames` gives them); the scorer takes them stacked."""
+        stacked = [
+            item
+            if item.features is None
+            else ScoreItem(item.frames, item.context, item.question, self._stack(item.features))
+            for item in items
+        ]
+        return self.scorer.score_batch(stacked)
 
     def generate(self, frames, context, question, max_new_tokens: int = 96) -> str:
         return self.scorer.generate(frames, context, question, max_new_tokens=max_new_tokens)
