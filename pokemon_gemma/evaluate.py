@@ -86,16 +86,16 @@ def predict(
 ) -> tuple[list[Prediction], list[dict]]:
     """Run the backend over the records: (predictions, skipped [{index, sample_id, reason}]).
 
-    Score mode takes one sample at a time (its 8 answers already share one prompt pass); generate mode
-    sends `batch_size` samples per call when the backend has `generate_batch`, and a sample's latency
-    is then its share of the batch's time. `blank_frames` replaces every frame by a black one of the
-    same size (does the model read the pixels?)."""
+    Both modes send `batch_size` samples per model call (score: `score_batch`, one prompt pass and one
+    answer pass for the batch; generate: `generate_batch`), and a sample's latency is then its share of
+    the batch's time. `blank_frames` replaces every frame by a black one of the same size (does the
+    model read the pixels?)."""
     from .collate import FrameLoader, SampleError, blank_like
 
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     frames_of = frame_loader or FrameLoader()
-    step = max(1, batch_size) if mode == "generate" and hasattr(backend, "generate_batch") else 1
+    step = max(1, batch_size)
     predictions, skipped = [], []
     with progress_bar(total=len(records), desc=f"evaluate ({mode})", unit="sample", disable=not progress) as bar:
         for i in range(0, len(records), step):
@@ -116,21 +116,22 @@ def predict(
 def _predict_batch(
     backend: Backend, batch: list[tuple[Record, list]], mode: str, max_new_tokens: int
 ) -> list[Prediction]:
-    from .scoring import parse_generated
+    from .scoring import ScoreItem, parse_generated
 
     start = time.perf_counter()
     if mode == "score":
-        ((record, frames),) = batch
-        scores = backend.score(frames, record.context, record.question)
+        scored = backend.score_batch([ScoreItem(frames, r.context, r.question) for r, frames in batch])
+        latency = (time.perf_counter() - start) / len(batch)
         return [
             Prediction(
                 record.sample_id,
                 record.button,
                 scores.button,
                 scene_context(record),
-                time.perf_counter() - start,
+                latency,
                 probabilities=scores.probabilities,
             )
+            for (record, _), scores in zip(batch, scored)
         ]
     items = [(frames, r.context, r.question) for r, frames in batch]
     if len(items) == 1:
