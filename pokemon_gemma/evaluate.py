@@ -88,29 +88,36 @@ def predict(
 
     Both modes send `batch_size` samples per model call (score: `score_batch`, one prompt pass and one
     answer pass for the batch; generate: `generate_batch`), and a sample's latency is then its share of
-    the batch's time. `blank_frames` replaces every frame by a black one of the same size (does the
-    model read the pixels?)."""
+    the batch's time. In score mode, batches are formed from samples of similar context length (less
+    padding); predictions come back in the records' order either way. `blank_frames` replaces every
+    frame by a black one of the same size (does the model read the pixels?)."""
     from .collate import FrameLoader, SampleError, blank_like
 
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     frames_of = frame_loader or FrameLoader()
     step = max(1, batch_size)
-    predictions, skipped = [], []
+    order = list(range(len(records)))
+    if mode == "score" and step > 1:
+        order.sort(key=lambda i: len(records[i].context) + len(records[i].question))
+    predicted: dict[int, Prediction] = {}
+    skipped = []
     with progress_bar(total=len(records), desc=f"evaluate ({mode})", unit="sample", disable=not progress) as bar:
-        for i in range(0, len(records), step):
-            batch = []
-            for index, record in enumerate(records[i : i + step], start=i):
+        for start in range(0, len(order), step):
+            batch, indices = [], []
+            for index in order[start : start + step]:
+                record = records[index]
                 try:
                     frames = [frames_of.load(p) for p in record.frames]
                 except SampleError as exc:
                     skipped.append({"index": index, "sample_id": record.sample_id, "reason": str(exc)})
                     continue
                 batch.append((record, [blank_like(f) for f in frames] if blank_frames else frames))
+                indices.append(index)
             if batch:
-                predictions += _predict_batch(backend, batch, mode, max_new_tokens)
-            bar.update(len(records[i : i + step]))
-    return predictions, skipped
+                predicted.update(zip(indices, _predict_batch(backend, batch, mode, max_new_tokens)))
+            bar.update(len(order[start : start + step]))
+    return [predicted[i] for i in sorted(predicted)], sorted(skipped, key=lambda s: s["index"])
 
 
 def _predict_batch(

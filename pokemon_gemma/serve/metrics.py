@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -35,7 +36,13 @@ class ServerMetrics:
             "pokemon_vision_frames_encoded", "Frames run through the vision tower", registry=r
         )
         self.batch_size = Histogram(
-            "pokemon_batch_size", "Requests per worker batch", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32), registry=r
+            "pokemon_batch_size", "Requests per worker batch", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.score_batch_size = Histogram(
+            "pokemon_score_batch_size",
+            "Score requests per batched language-model pass (one prompt pass + one answer pass)",
+            buckets=BATCH_BUCKETS,
+            registry=r,
         )
         self.inflight = Gauge("pokemon_inflight_requests", "Requests being served", registry=r)
         self.queue = Gauge("pokemon_queue_depth", "Model requests waiting or running", registry=r)
