@@ -103,8 +103,10 @@ def load_phase(url: str, queues: list[list[dict]]) -> dict:
     def delta(name):
         return counter(after, name) - counter(before, name)
 
-    batches, scored = delta("pokemon_score_batch_size_count"), delta("pokemon_score_batch_size_sum")
-    worker_batches, worker_batched = delta("pokemon_batch_size_count"), delta("pokemon_batch_size_sum")
+    batches = delta("pokemon_gemma_score_batch_size_requests_count")
+    scored = delta("pokemon_gemma_score_batch_size_requests_sum")
+    worker_batches = delta("pokemon_gemma_batch_size_requests_count")
+    worker_batched = delta("pokemon_gemma_batch_size_requests_sum")
     return {
         "requests": len(latencies),
         "clients": len(queues),
@@ -115,7 +117,7 @@ def load_phase(url: str, queues: list[list[dict]]) -> dict:
         "requests_per_s": len(latencies) / wall,
         "mean_batch": worker_batched / worker_batches if worker_batches else None,
         "mean_score_batch": scored / batches if batches else None,
-        "vision_frames_per_request": delta("pokemon_vision_frames_encoded_total") / len(latencies),
+        "vision_frames_per_request": delta("pokemon_gemma_vision_frames_encoded_total") / len(latencies),
     }
 
 

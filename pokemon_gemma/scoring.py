@@ -1,8 +1,10 @@
 """The 8-button scorer shared by training-time eval, evaluate.py and the server.
 
-The predicted button is the highest-scoring of the 8 full answers `{"button": "<b>",`: the prompt
-(images included) runs once, its KV cache is repeated 8 times, and only the short continuations
-are scored. First-token logits would not do: `a` and `b` can share their first token.
+The predicted button is the highest-scoring of the 8 full answers `{"button": "<b>",`, each scored
+as log P(answer | prompt): the prompt and the answers' shared opening (images included) run once,
+its KV cache is repeated 8 times, and only the short continuations run again. Equal, within float
+error, to 8 ordinary full forward passes (tests/test_reference.py). First-token logits would not
+do: `a` and `b` can share their first token.
 
 Several samples are scored together in two forward passes (`score_batch`; `score` is its one-item
 case): one prompt pass over the samples' prompts, padded on the left, and one answer pass over
@@ -10,7 +12,9 @@ batch x 8 rows, each sample's KV cache repeated 8 times. Padding changes no real
 position: pads are masked out of every attention row, position ids count real tokens only (so a
 padded prompt has the positions it has alone), and with left padding the distance between two real
 tokens is the same in index and position, which keeps Gemma 3's sliding windows (index based) exact.
-The answers' tails are padded on the right, where causal attention keeps them unseen.
+Left padding also ends every prompt at the same column, so the shared openings' log-probs are read
+from the last logits of each row. The answers' tails are padded on the right, where causal attention
+keeps them unseen.
 """
 
 from __future__ import annotations
@@ -68,6 +72,16 @@ class PromptIds:
     prefix: tuple[int, ...]
     tails: tuple[tuple[int, ...], ...]
     n_images: int
+    opening: int  # the last `opening` ids of `prefix` are the answers' shared opening, scored too
+
+
+@dataclass
+class Generation:
+    """A greedy answer with what the OpenAI API reports about it."""
+
+    text: str
+    completion_tokens: int  # tokens generated, the stop token included when there is one
+    finish_reason: str  # "stop": a stop token ended it; "length": max_new_tokens ran out first
 
 
 class ButtonScorer:
@@ -116,9 +130,10 @@ class ButtonScorer:
             return cached
         full = [self.collator.expanded_ids(prompt + answer_prefix(b)) for b in BUTTONS]
         shared = _common_prefix_length(full)
+        start = answer_start(self.collator, prompt, full, shared)
         n_images = self.collator.n_images
         self.collator._check("scoring prompt", torch.tensor(full[0][:shared]), n_images)
-        ids = PromptIds(tuple(full[0][:shared]), tuple(tuple(f[shared:]) for f in full), n_images)
+        ids = PromptIds(tuple(full[0][:shared]), tuple(tuple(f[shared:]) for f in full), n_images, shared - start)
         self._prompts[prompt] = ids
         while len(self._prompts) > self.PROMPT_CACHE_SIZE:
             self._prompts.popitem(last=False)
@@ -138,12 +153,30 @@ class ButtonScorer:
             return []
         prompts = [self.prompt_ids(item.context, item.question) for item in items]
         features = self._batch_features(items)
-        first, cache, lengths, mask = self._prompt_pass(prompts, features)
-        scores = torch.stack([first[i, [t[0] for t in p.tails]] for i, p in enumerate(prompts)]).double()  # (B, 8)
+        kept, cache, lengths, mask = self._prompt_pass(prompts, features)
+        scores = torch.stack([kept[i, -1, [t[0] for t in p.tails]] for i, p in enumerate(prompts)]).double()  # (B, 8)
+        scores = scores + self._opening_logprobs(prompts, kept)[:, None]
         width = max(len(t) for p in prompts for t in p.tails) - 1
         if width > 0:
             scores = scores + self._answer_pass(prompts, cache, lengths, mask, width)
         return [ButtonScores(dict(zip(BUTTONS, row))) for row in scores.tolist()]
+
+    @staticmethod
+    def _opening_logprobs(prompts: list[PromptIds], kept: torch.Tensor) -> torch.Tensor:
+        """Summed log-probs (B,) of each prompt's answer opening (its prefix's last `opening` ids, at
+        the same columns in every row thanks to the left padding). The logits at column c predict the
+        token at c + 1, so opening token j of n is read from kept column K - n - 1 + j."""
+        rows, columns, tokens = [], [], []
+        for i, p in enumerate(prompts):
+            for j, token in enumerate(p.prefix[len(p.prefix) - p.opening :]):
+                rows.append(i)
+                columns.append(kept.shape[1] - p.opening - 1 + j)
+                tokens.append(token)
+        total = torch.zeros(len(prompts), dtype=torch.float64, device=kept.device)
+        if rows:
+            index = [torch.tensor(x, device=kept.device) for x in (rows, columns, tokens)]
+            total.index_add_(0, index[0], kept[index[0], index[1], index[2]].double())
+        return total
 
     def _batch_features(self, items: list[ScoreItem]) -> torch.Tensor:
         """(sum of n_images, tokens, hidden) in item order; items without features share one vision call."""
@@ -160,8 +193,9 @@ class ButtonScorer:
         return torch.cat([p.to(self.device) for p in parts])
 
     def _prompt_pass(self, prompts: list[PromptIds], features: torch.Tensor):
-        """Run the prompts, padded on the left: (first-token log-probs (B, vocab), KV cache, real prompt
-        lengths (B,), 2-D attention mask (B, S))."""
+        """Run the prompts, padded on the left: (log-probs (B, K, vocab) of the last K columns, K covering
+        every prompt's opening and its first distinct token; KV cache; real prompt lengths (B,); 2-D
+        attention mask (B, S))."""
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         lengths = torch.tensor([len(p.prefix) for p in prompts], device=self.device)
@@ -182,9 +216,9 @@ class ButtonScorer:
             token_type_ids=token_type_ids,
             mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=features)},
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=max(p.opening for p in prompts) + 1,
         )
-        return torch.log_softmax(out.logits[:, -1].float(), dim=-1), out.past_key_values, lengths, mask
+        return torch.log_softmax(out.logits.float(), dim=-1), out.past_key_values, lengths, mask
 
     def prompt_masks(self, mask: torch.Tensor, token_type_ids: torch.Tensor | None):
         """The prompt pass's 4-D attention masks {"full_attention", "sliding_attention"}, built as
@@ -244,9 +278,15 @@ class ButtonScorer:
         """Greedy answer text (the model's JSON, unparsed)."""
         return self.generate_batch([(frames, context, question)], max_new_tokens)[0]
 
-    @torch.no_grad()
     def generate_batch(self, items: list[tuple[list[Image.Image], str, str]], max_new_tokens: int = 96) -> list[str]:
         """Greedy answers for several (frames, context, question) at once (prompts padded on the left)."""
+        return [g.text for g in self.generate_batch_details(items, max_new_tokens)]
+
+    @torch.no_grad()
+    def generate_batch_details(
+        self, items: list[tuple[list[Image.Image], str, str]], max_new_tokens: int = 96
+    ) -> list[Generation]:
+        """`generate_batch` with each answer's token count and why it ended."""
         texts = [self.collator.prompt_text(context, question) for _, context, question in items]
         images = [self.collator.images_for([], frames) for frames, _, _ in items]
         side = self.tokenizer.padding_side
@@ -266,7 +306,14 @@ class ButtonScorer:
             pad_token_id=self.tokenizer.pad_token_id,
         )
         width = enc["input_ids"].shape[1]
-        return [self.tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+        stops = {self.tokenizer.eos_token_id, eot}
+        results = []
+        for row in out:
+            new = row[width:].tolist()
+            end = next((i + 1 for i, token in enumerate(new) if token in stops), None)
+            text = self.tokenizer.decode(row[width:], skip_special_tokens=True).strip()
+            results.append(Generation(text, end or len(new), "stop" if end else "length"))
+        return results
 
 
 def parse_generated(text: str) -> tuple[dict | None, str | None]:
@@ -275,6 +322,13 @@ def parse_generated(text: str) -> tuple[dict | None, str | None]:
         return parse_output(text), None
     except ValueError as exc:
         return None, "invalid_json" if "not JSON" in str(exc) or "not a JSON object" in str(exc) else "invalid_button"
+
+
+def answer_start(collator: Collator, prompt: str, full: list[list[int]], shared: int) -> int:
+    """Index of the first answer token: where the prompt's own ids stop matching the full sequences
+    (a token merged across the prompt/answer boundary counts as answer). The answers' shared opening
+    `{"button": "` is scored too, so each score is log P(full answer prefix | prompt)."""
+    return min(_common_prefix_length([collator.expanded_ids(prompt), full[0]]), shared)
 
 
 def _common_prefix_length(seqs: list[list[int]]) -> int:

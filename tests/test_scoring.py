@@ -56,7 +56,8 @@ def reference_logprobs(scorer: ButtonScorer, item: ScoreItem) -> dict[str, float
     collator, model = scorer.collator, scorer.model
     prompt = collator.prompt_text(item.context, item.question)
     full = [collator.expanded_ids(prompt + answer_prefix(b)) for b in BUTTONS]
-    shared = len(os.path.commonprefix(full))
+    # Scored from the first answer token: where the prompt's own ids stop matching (log P(answer | prompt)).
+    start = len(os.path.commonprefix([collator.expanded_ids(prompt), full[0]]))
     pixel_values = collator.pixel_values(collator.images_for([], item.frames))
     out = {}
     for b, ids in zip(BUTTONS, full):
@@ -68,7 +69,7 @@ def reference_logprobs(scorer: ButtonScorer, item: ScoreItem) -> dict[str, float
                 token_type_ids=None if scorer.causal_images else (input_ids == collator.image_token_id).long(),
             ).logits[0]
         logprobs = torch.log_softmax(logits.double(), -1)
-        out[b] = float(sum(logprobs[j - 1, ids[j]] for j in range(shared, len(ids))))
+        out[b] = float(sum(logprobs[j - 1, ids[j]] for j in range(start, len(ids))))
     return out
 
 

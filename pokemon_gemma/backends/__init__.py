@@ -7,6 +7,10 @@ verification) talk to a `Backend` and never to torch, MLX or llama.cpp directly.
     backend.generate_batch([(frames, context, question), ...], max_new_tokens) -> [str]
     backend.encode_frames(images) -> [per-frame features]   # when supports_features (server cache)
     backend.fit_context(context, question) -> str           # shortened to fit the context window
+    backend.generate_details(frames, context, question, max_new_tokens) -> Generation  # + tokens, finish
+    backend.prompt_tokens(context, question) -> int          # the prompt's tokens, image tokens included
+    backend.count_tokens(text) -> int
+    backend.frame_input() -> ((width, height), resample) | None   # what the image processor resizes to
 
 `frames` are the 4 decoded PIL frames, oldest first; `features` are per-frame vision features from
 `encode_frames` (or None: the backend runs the vision tower). `score` is the one-item case of
@@ -27,7 +31,7 @@ from PIL import Image
 from ..artifacts import ArtifactError, is_mlx_export, resolve_model
 from ..artifacts import frame_layout as recorded_frame_layout
 from ..errors import first_line
-from ..scoring import ButtonScores, ScoreItem
+from ..scoring import ButtonScores, Generation, ScoreItem
 
 BACKENDS = ("auto", "torch", "mlx")
 
@@ -61,6 +65,16 @@ class Backend(Protocol):
     def generate_batch(
         self, items: list[tuple[list[Image.Image], str, str]], max_new_tokens: int = 96
     ) -> list[str]: ...
+
+    def generate_details(
+        self, frames: list[Image.Image], context: str, question: str, max_new_tokens: int = 96
+    ) -> Generation: ...
+
+    def prompt_tokens(self, context: str, question: str) -> int: ...
+
+    def count_tokens(self, text: str) -> int: ...
+
+    def frame_input(self) -> tuple[tuple[int, int], int] | None: ...
 
 
 def model_version(model_path: str, adapter_path: str | None = None) -> str:
@@ -160,21 +174,27 @@ class ScorerBackend:
         # A 2x2 grid image depends on all 4 frames: only separate images have per-frame features.
         self.supports_features = frame_layout == "images"
         self.batched_scoring = getattr(scorer, "batched_scoring", True)
-        self._fitted: dict[tuple[str, str], str] = {}  # fit_context results, oldest first
+        # Tokenizer results, oldest first: an agent's requests repeat their context and question, and
+        # tokenizing on every request would cost the server a sizeable share of a small model's time.
+        self._tokenized: dict[tuple, Any] = {}
+
+    def _cached(self, key: tuple, compute):
+        """compute(), remembered under `key` (256 kept; an exception is not remembered)."""
+        if key not in self._tokenized:
+            self._tokenized[key] = compute()
+            if len(self._tokenized) > 256:
+                self._tokenized.pop(next(iter(self._tokenized)))
+        return self._tokenized[key]
 
     def fit_context(self, context: str, question: str) -> str:
         """Cached: an agent's requests repeat their context and question (a rejection is not cached)."""
-        key = (context, question)
-        fitted = self._fitted.get(key)
-        if fitted is None:
-            from ..dataset import BUTTONS
-            from ..scoring import answer_prefix
+        from ..dataset import BUTTONS
+        from ..scoring import answer_prefix
 
-            longest = max((answer_prefix(b) for b in BUTTONS), key=len)
-            fitted = self._fitted[key] = self.collator.fit_context(context, question, longest, "request")[0]
-            if len(self._fitted) > 256:
-                self._fitted.pop(next(iter(self._fitted)))
-        return fitted
+        longest = max((answer_prefix(b) for b in BUTTONS), key=len)
+        return self._cached(
+            ("fit", context, question), lambda: self.collator.fit_context(context, question, longest, "request")[0]
+        )
 
     def encode_frames(self, images: list[Image.Image]) -> list[Any]:
         features = self.scorer.image_features(images)
@@ -198,3 +218,30 @@ class ScorerBackend:
 
     def generate_batch(self, items, max_new_tokens: int = 96) -> list[str]:
         return self.scorer.generate_batch(items, max_new_tokens=max_new_tokens)
+
+    def generate_details(self, frames, context, question, max_new_tokens: int = 96) -> Generation:
+        return self.scorer.generate_batch_details([(frames, context, question)], max_new_tokens=max_new_tokens)[0]
+
+    def prompt_tokens(self, context: str, question: str) -> int:
+        return self._cached(
+            ("prompt", context, question),
+            lambda: len(self.collator.expanded_ids(self.collator.prompt_text(context, question))),
+        )
+
+    def count_tokens(self, text: str) -> int:
+        # Only the 8 answers a score request sends back are counted here, so the cache stays small.
+        return self._cached(("count", text), lambda: len(self.tokenize(text)))
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.collator.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def frame_input(self) -> tuple[tuple[int, int], int] | None:
+        """((width, height), resample) the image processor resizes every image to; None when it keeps
+        sizes or crops (pan and scan). With separate frames a larger frame resized to it first gives the
+        very same pixels; with the 2x2 grid (whose tiles end up half that size) it is a close bound."""
+        proc = self.collator.processor.image_processor
+        size = getattr(proc, "size", None)
+        height, width = getattr(size, "height", None), getattr(size, "width", None)
+        if not getattr(proc, "do_resize", True) or getattr(proc, "do_pan_and_scan", False) or not height or not width:
+            return None
+        return (int(width), int(height)), int(getattr(proc, "resample", Image.Resampling.BILINEAR))

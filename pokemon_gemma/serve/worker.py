@@ -16,6 +16,7 @@ from typing import Any
 
 from ..backends import Backend
 from ..backends.frame_cache import FrameCache
+from ..dataset import make_output
 from ..scoring import ScoreItem
 from .metrics import ServerMetrics
 from .validation import InferenceRequest, RequestError
@@ -32,6 +33,9 @@ class Result:
     text: str | None = None
     cache_hits: int = 0
     frames_encoded: int = 0
+    prompt_tokens: int = 0  # usage, as the OpenAI API reports it
+    completion_tokens: int = 0
+    finish_reason: str = "stop"
 
 
 @dataclass(eq=False)
@@ -140,7 +144,7 @@ class InferenceWorker:
             try:
                 self._finish(job, self._generate(job))
             except ValueError as exc:  # e.g. collate.SampleError: prompt too long even without context
-                self._finish(job, RequestError(422, str(exc)))
+                self._finish(job, RequestError(400, str(exc)))
             except Exception as exc:
                 log.exception("model call failed")
                 self._finish(job, exc)
@@ -188,42 +192,47 @@ class InferenceWorker:
 
     def _score(self, jobs: list[_Job]) -> None:
         """Score the jobs together: each prompt fitted to the context window on its own, then one
-        `score_batch`. If the batch fails on a bad prompt (a ValueError, e.g. special tokens in a
-        context), its jobs are scored one by one so that only the bad one gets its 422."""
-        ready, items = [], []
+        `score_batch`. A prompt that cannot be scored (a ValueError, e.g. special tokens in a context)
+        fails the batch before any model pass; the batch is then retried in halves, down to the bad
+        request alone, which alone gets its 400 (the others are still scored in batches)."""
+        ready: list[tuple[_Job, ScoreItem]] = []
         for job in jobs:
             req = job.request
             try:
                 context = self.backend.fit_context(req.context, req.question)
             except ValueError as exc:  # collate.SampleError: too long even without context
-                self._finish(job, RequestError(422, str(exc)))
+                self._finish(job, RequestError(400, str(exc)))
                 continue
-            if job.features is None:  # backend without separable vision features
-                job.result.frames_encoded = len(req.frames)
-            items.append(ScoreItem([f.image for f in req.frames], context, req.question, job.features))
-            ready.append(job)
-        if not ready:
-            return
-        self.metrics.score_batch_size.observe(len(ready))
-        if not self.backend.supports_features:
-            self.metrics.frames_encoded.inc(sum(len(j.request.frames) for j in ready))
+            ready.append((job, ScoreItem([f.image for f in req.frames], context, req.question, job.features)))
+        if ready:
+            self._score_items(ready)
+
+    def _score_items(self, ready: list[tuple[_Job, ScoreItem]]) -> None:
         try:
-            scores = self.backend.score_batch(items)
+            scores = self.backend.score_batch([item for _, item in ready])
         except ValueError as exc:
-            if len(ready) > 1:
-                for job in ready:
-                    self._score([job])
+            if len(ready) == 1:
+                self._finish(ready[0][0], RequestError(400, str(exc)))
                 return
-            self._finish(ready[0], RequestError(422, str(exc)))
+            log.info("a score batch of %d failed on a bad prompt (%s); retrying it in halves", len(ready), exc)
+            half = len(ready) // 2
+            self._score_items(ready[:half])
+            self._score_items(ready[half:])
             return
         except Exception as exc:
             log.exception("model call failed")
-            for job in ready:
+            for job, _ in ready:
                 self._finish(job, exc)
             return
-        for job, result in zip(ready, scores):
+        self.metrics.score_batch_size.observe(len(ready))
+        for (job, item), result in zip(ready, scores):
             self.metrics.predictions.labels("score").inc()
+            if job.features is None:  # backend without separable vision features: the scorer encoded them
+                self.metrics.frames_encoded.inc(len(item.frames))
+                job.result.frames_encoded = len(item.frames)
             job.result.logprobs = result.logprobs
+            job.result.prompt_tokens = self.backend.prompt_tokens(item.context, item.question)
+            job.result.completion_tokens = self.backend.count_tokens(make_output(result.button))  # the answer sent
             self._finish(job, job.result)
 
     def _generate(self, job: _Job) -> Result:
@@ -232,8 +241,15 @@ class InferenceWorker:
         context = self.backend.fit_context(req.context, req.question)
         self.metrics.predictions.labels(req.mode).inc()
         self.metrics.frames_encoded.inc(len(images))
-        text = self.backend.generate(images, context, req.question, req.max_new_tokens)
-        return Result("generate", text=text, frames_encoded=len(images))
+        gen = self.backend.generate_details(images, context, req.question, req.max_new_tokens)
+        return Result(
+            "generate",
+            text=gen.text,
+            frames_encoded=len(images),
+            prompt_tokens=self.backend.prompt_tokens(context, req.question),
+            completion_tokens=gen.completion_tokens,
+            finish_reason=gen.finish_reason,
+        )
 
     def _finish(self, job: _Job, outcome) -> None:
         with self._lock:
