@@ -352,6 +352,7 @@ def find_batch_size(
     JsonlError/ModelLoadError with a one-line message."""
     from .collate import Collator
     from .dataset import load_records
+    from .distributed import detect_device, precision_for
     from .modeling import load_processor
     from .train import filter_trainable_samples
 
@@ -359,6 +360,11 @@ def find_batch_size(
         raise FinderError("--max_batch_size must be at least 1")
     records = load_records(s.dataset_path)
     device = resolve_device(device)
+    try:  # the training loop's own resolution: CLI > environment > .env > accelerate config > device default
+        precision, _ = precision_for(s.mixed_precision, device=detect_device() if device == "cuda" else device)
+    except ValueError as exc:
+        raise FinderError(str(exc)) from None
+    s = replace(s, mixed_precision=precision)
     processor = load_processor(s.model_name, token=s.hub_token)
     collator = Collator(processor, s.max_seq_length, s.frame_layout)
     try:
