@@ -185,7 +185,7 @@ def launch_request(environ: dict | None = None, config_file: str | None = None) 
     )
 
 
-@dataclass
+@dataclass(frozen=True)
 class Machine:
     cuda_devices: int
     mps: bool
@@ -246,6 +246,16 @@ def check_launch(req: LaunchRequest, machine: Machine, *, qlora: bool = False, p
 
 
 # --------------------------------------------------------------------------------------- accelerator
+def use_own_extensions_dir() -> str:
+    """DeepSpeed JIT-compiles a C++ op on CPU into torch's extension cache. Kept per environment (inside the
+    venv; init.sh --deepspeed pre-builds it there): a shared ~/.cache/torch_extensions is rebuilt whenever
+    another environment with other include paths used it, and a build killed midway leaves a lock file that
+    makes every later start wait forever."""
+    import sys
+
+    return os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+
+
 def make_accelerator(req: LaunchRequest, precision: str):
     """The Accelerator for this launch. GPUs take accelerate's own path. On CPU processes:
     - FSDP: accelerate 1.15 switches to FSDP only for GPU-like types and would silently run DDP
@@ -258,6 +268,8 @@ def make_accelerator(req: LaunchRequest, precision: str):
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, InitProcessGroupKwargs
 
     cpu = not torch.cuda.is_available() and not torch.backends.mps.is_available()
+    if req.distributed_type == "DEEPSPEED":
+        use_own_extensions_dir()
     if cpu and req.distributed_type == "DEEPSPEED" and req.world_size > 1:
         accelerator = Accelerator(
             mixed_precision=precision, cpu=False, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")]

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from pokemon_gemma import distributed as dist
@@ -173,7 +172,8 @@ def test_precision_bad_value_is_one_line():
         ([], {}, "", ("no", "device default")),
         ([], {"ACCELERATE_MIXED_PRECISION": "bf16"}, "", ("bf16", "accelerate config")),
         ([], {"ACCELERATE_MIXED_PRECISION": "bf16"}, "MIXED_PRECISION=no\n", ("no", ".env")),
-        ([], {"ACCELERATE_MIXED_PRECISION": "no", "MIXED_PRECISION": "fp16"}, "MIXED_PRECISION=bf16\n", ("fp16", "environment")),
+        ([], {"ACCELERATE_MIXED_PRECISION": "no", "MIXED_PRECISION": "fp16"}, "MIXED_PRECISION=bf16\n",
+         ("fp16", "environment")),
         (["--mixed_precision", "bf16"], {"MIXED_PRECISION": "no"}, "MIXED_PRECISION=fp16\n", ("bf16", "cli")),
         ([], {"ACCELERATE_MIXED_PRECISION": "bf16"}, "MIXED_PRECISION=\n", ("bf16", "accelerate config")),
     ],
@@ -344,7 +344,9 @@ def test_deepspeed_zero3_on_two_cpu_processes_matches_ddp_and_resumes_after_sigk
     start = time.monotonic()
     kill_after_checkpoint(cmd, out, 2)
     resumed, seconds = run([*cmd, "--resume_from_checkpoint", "latest"])
-    print(f"ZeRO-3 2 processes: killed after checkpoint-2, resumed in {seconds:.1f} s; {time.monotonic() - start:.1f} s")
+    print(
+        f"ZeRO-3 2 processes: killed after checkpoint-2, resumed in {seconds:.1f} s; {time.monotonic() - start:.1f} s"
+    )
     assert "checkpoint-2 at step 2" in resumed.stderr
     assert "DeepSpeed engine steps 4, loop steps 4" in resumed.stderr  # one engine step per grad_accum micro-batches
     assert "DeepSpeed ZeRO-3: this rank holds" in resumed.stderr
@@ -377,11 +379,16 @@ def test_wandb_key_from_dotenv_reaches_the_offline_run_and_no_log_line(tmp_path,
     env_file = tmp_path / ".env"
     env_file.write_text(f"WANDB_API_KEY={FAKE_KEY}\nWANDB_MODE=offline\nREPORT_TO=wandb\n")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    for name, value in {"WANDB_DIR": tmp_path, "WANDB_CONFIG_DIR": tmp_path / "cfg", "NETRC": tmp_path / "netrc"}.items():
+    for name, value in {
+        "WANDB_DIR": tmp_path,
+        "WANDB_CONFIG_DIR": tmp_path / "cfg",
+        "NETRC": tmp_path / "netrc",
+    }.items():
         monkeypatch.setenv(name, str(value))
     s = load_settings(env_file, environ={k: v for k, v in os.environ.items() if k != "WANDB_MODE"})
     assert s.wandb_api_key == FAKE_KEY and s.wandb_mode == "offline"
     setup_logging(s)
+    (tmp_path / "run").mkdir()
     metrics = MetricsLog(s, tmp_path / "run", 0, enabled=True)
     try:
         assert metrics.wandb is not None and metrics.wandb.settings.api_key == FAKE_KEY
@@ -419,7 +426,10 @@ def test_resume_continues_the_same_wandb_run_and_the_key_is_never_printed(tiny_m
         assert proc.returncode == 0, proc.stderr[-3000:]
         outputs.append(proc.stdout + proc.stderr)
     assert "resumed from" in outputs[1]
-    ids = [json.loads((tmp_path / "run" / f"checkpoint-{n}" / "trainer_state.json").read_text())["wandb_run_id"] for n in (1, 2)]
+    ids = [
+        json.loads((tmp_path / "run" / f"checkpoint-{n}" / "trainer_state.json").read_text())["wandb_run_id"]
+        for n in (1, 2)
+    ]
     assert ids[0] == ids[1]
     runs = sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(r.endswith(f"-{ids[0]}") for r in runs), runs  # `wandb sync` joins them

@@ -30,7 +30,9 @@ DAMAGE = {  # name -> (file in checkpoint-2, how, what the skip/error line says)
     "zeroed_safetensors": ("adapter_model.safetensors", zero, "adapter_model.safetensors is damaged"),
     "deleted_safetensors": ("adapter_model.safetensors", os.remove, "adapter_model.safetensors is missing"),
     "broken_optimizer": ("optimizer.pt", truncate, "optimizer.pt is damaged"),
-    "garbage_trainer_state": ("trainer_state.json", lambda p: p.write_text("{not json"), "trainer_state.json is damaged"),
+    "garbage_trainer_state": (
+        "trainer_state.json", lambda p: p.write_text("{not json"), "trainer_state.json is damaged"
+    ),
 }  # fmt: skip
 
 
@@ -88,7 +90,9 @@ def test_reading_a_damaged_checkpoint_names_the_file(damaged):
 @pytest.mark.parametrize("damaged", sorted(DAMAGE), indirect=True)
 def test_resume_skips_a_damaged_latest_checkpoint_and_refuses_it_by_name(tiny_model_dir, damaged):
     train, out, why = damaged
-    explicit = run(train_cmd(tiny_model_dir, train, out, "--max_steps", "2", "--resume_from_checkpoint", str(out / "checkpoint-2")))
+    explicit = run(
+        train_cmd(tiny_model_dir, train, out, "--max_steps", "2", "--resume_from_checkpoint", str(out / "checkpoint-2"))
+    )
     assert one_error_line(explicit).startswith(f"error: --resume_from_checkpoint {out / 'checkpoint-2'}: {why}")
     latest = run(train_cmd(tiny_model_dir, train, out, "--max_steps", "2", "--resume_from_checkpoint", "latest"))
     assert latest.returncode == 0 and "Traceback" not in latest.stderr, latest.stderr[-3000:]
@@ -122,7 +126,9 @@ def test_full_disk_during_a_checkpoint_is_one_line_and_leaves_nothing_behind(tin
         line = one_error_line(proc)
         assert line.startswith(f"error: no space left on the disk holding {out} while writing checkpoint-2"), line
         assert "resume with --resume_from_checkpoint latest" in line
-        assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no temp folder keeps the disk full
+        assert (
+            sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+        )  # no temp folder keeps the disk full
         assert not (out / "checkpoint-2").exists()
         assert ckpt.read_checkpoint(out / "checkpoint-1", rank=0).step == 1  # the previous checkpoint survives
         filler.unlink()
