@@ -347,6 +347,29 @@ def differences(rec: LaunchRecord) -> list[str]:
     return out
 
 
+def setup(mixed_precision: str, *, qlora: bool = False, peft: bool = True):
+    """Everything the loop needs before the model: check this launch against this machine (LaunchError),
+    resolve the precision, build the Accelerator and the Strategy; rank 0 says what it got and how that
+    differs from what the accelerate config asked for. Returns (accelerator, strategy, LaunchRecord)."""
+    request = launch_request()
+    check_launch(request, Machine.this(), qlora=qlora, peft=peft)
+    try:
+        precision, source = precision_for(mixed_precision)
+    except ValueError as exc:
+        raise LaunchError(str(exc)) from None
+    accelerator = make_accelerator(request, precision)
+    record = launch_record(request, accelerator, precision, source)
+    if accelerator.is_main_process:
+        config = f", accelerate config {record.accelerate_config}" if record.accelerate_config else ""
+        log.info(
+            "%s, %d process(es) (%s), device %s, precision %s (from %s)%s",
+            record.distributed_type, record.world_size, record.backend, record.device, precision, source, config,
+        )  # fmt: skip
+        for difference in differences(record):
+            log.warning("%s: %s", request.name, difference)
+    return accelerator, Strategy(accelerator), record
+
+
 # --------------------------------------------------------------------------------------- strategy
 class Strategy:
     """Where the loop differs between one process/DDP ('ddp'), FSDP2 ('fsdp') and ZeRO-3 ('deepspeed').

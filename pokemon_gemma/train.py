@@ -318,31 +318,11 @@ class StopFlag:
 def train(s: Settings, resume_from: str | None = None) -> Path:
     from accelerate.utils import set_seed
 
-    # --- launch: what the accelerate config asked for, what this machine gives, one precision
-    request = dist.launch_request()
-    dist.check_launch(request, dist.Machine.this(), qlora=s.use_qlora, peft=s.use_peft)
-    try:
-        precision, precision_source = dist.precision_for(s.mixed_precision)
-    except ValueError as exc:
-        raise TrainingError(str(exc)) from None
-    s = dataclasses.replace(s, mixed_precision=precision)
-    accelerator = dist.make_accelerator(request, precision)
-    strategy = dist.Strategy(accelerator)
-    launch = dist.launch_record(request, accelerator, precision, precision_source)
+    # --- launch: checked against this machine, one precision, what it got logged and recorded
+    accelerator, strategy, launch = dist.setup(s.mixed_precision, qlora=s.use_qlora, peft=s.use_peft)
+    s = dataclasses.replace(s, mixed_precision=launch.precision)
+    precision = launch.precision
     world, rank, is_main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
-    if is_main:
-        log.info(
-            "%s, %d process(es) (%s), device %s, precision %s (from %s)%s",
-            launch.distributed_type,
-            world,
-            launch.backend,
-            launch.device,
-            precision,
-            precision_source,
-            f", accelerate config {launch.accelerate_config}" if launch.accelerate_config else "",
-        )
-        for difference in dist.differences(launch):
-            log.warning("%s: %s", request.name, difference)
     output_dir = Path(s.output_dir)
     if os.environ.get("WANDB_SWEEP_ID") and os.environ.get("WANDB_RUN_ID"):
         output_dir = output_dir / os.environ["WANDB_RUN_ID"]  # sweep runs share one command line
