@@ -335,7 +335,13 @@ def differences(rec: LaunchRecord) -> list[str]:
     asked, out = rec.asked, []
     if not asked:
         return out
-    if asked["distributed_type"] != rec.distributed_type:
+
+    def kind(distributed_type: str, world: int) -> str:  # one process: accelerate says NO or MULTI_CPU alike
+        return (
+            "one process" if world == 1 and distributed_type in ("NO", "MULTI_CPU", "MULTI_GPU") else distributed_type
+        )
+
+    if kind(asked["distributed_type"], asked["world_size"]) != kind(rec.distributed_type, rec.world_size):
         out.append(f"asked for {asked['distributed_type']}, running {rec.distributed_type}")
     if asked["world_size"] != rec.world_size:
         out.append(f"asked for {asked['world_size']} processes, running {rec.world_size}")

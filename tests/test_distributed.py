@@ -436,3 +436,19 @@ def test_resume_continues_the_same_wandb_run_and_the_key_is_never_printed(tiny_m
     assert not any(FAKE_KEY in text for text in outputs)
     assert _files_containing(tmp_path, FAKE_KEY) == [tmp_path / ".env"]
     assert json.loads((tmp_path / "run" / "run_config.json").read_text())["wandb_api_key"] == "***"
+
+
+def test_differences_from_the_config_are_said_once_each():
+    def record(kind, world, precision, asked):
+        return dist.LaunchRecord(kind, world, precision, "cli", "cpu", None, "x.yaml", asked)
+
+    same = {"distributed_type": "NO", "world_size": 1, "precision": "no"}
+    assert dist.differences(record("MULTI_CPU", 1, "no", same)) == []  # cpu.yaml with one process
+    assert dist.differences(record("NO", 1, "no", {})) == []  # not launched by accelerate
+    asked = {"distributed_type": "FSDP", "world_size": 2, "precision": "bf16"}
+    assert dist.differences(record("MULTI_CPU", 1, "no", asked)) == [
+        "asked for FSDP, running MULTI_CPU",
+        "asked for 2 processes, running 1",
+        "the accelerate config's precision is 'bf16', running 'no' (from cli: CLI > environment > .env > "
+        "accelerate config)",
+    ]
