@@ -232,11 +232,36 @@ def launch_cmd(config, model, train, val, out, *extra):
     ]  # fmt: skip
 
 
-def run(cmd, env=ENV, timeout=900):
+def kill_tree(pid: int) -> None:
+    """SIGKILL a launcher and every process under it, by pid (torchrun's workers outlive their launcher)."""
+    victims = [pid]
+    try:
+        victims += [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        pass
+    for victim in victims:
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    psutil.wait_procs([p for p in map(_process, victims) if p], timeout=30)
+
+
+def run(cmd, env=ENV, timeout=1800):
+    """Run a launch to the end; on a failure or a test timeout no worker is left running."""
     start = time.monotonic()
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc, time.monotonic() - start
+    proc = subprocess.Popen(
+        cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc.pid)
+    result = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    assert result.returncode == 0, err[-4000:]
+    return result, time.monotonic() - start
 
 
 def kill_after_checkpoint(cmd, out: Path, step: int) -> None:
@@ -245,18 +270,14 @@ def kill_after_checkpoint(cmd, out: Path, step: int) -> None:
     proc = subprocess.Popen(
         cmd, cwd=REPO_ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
-    deadline = time.monotonic() + 900
-    while not (out / f"checkpoint-{step}" / "trainer_state.json").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "run ended before its checkpoint"
-        time.sleep(0.02)
-    victims = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
-    for pid in victims:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait()
-    psutil.wait_procs([p for p in map(_process, victims) if p], timeout=30)
+    deadline = time.monotonic() + 1800
+    try:
+        while not (out / f"checkpoint-{step}" / "trainer_state.json").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "run ended before its checkpoint"
+            time.sleep(0.02)
+    finally:
+        kill_tree(proc.pid)
+        proc.wait()
     assert not (out / "adapter_model.safetensors").exists(), "run finished before it was killed"
 
 
@@ -296,6 +317,7 @@ def ddp_run(tiny_model_dir, data, tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # 2-process runs: ~1 min each on 2 idle cores, 10 min when others load them
 def test_ddp_reference_run_as_a_sweep_run_under_accelerate_launch(ddp_run):
     root, _ = ddp_run
     out = root / "out" / "sweeprun0"  # the sweep's run id names the run folder, on every rank
@@ -307,6 +329,7 @@ def test_ddp_reference_run_as_a_sweep_run_under_accelerate_launch(ddp_run):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_fsdp_on_two_cpu_processes_matches_ddp_and_resumes_after_sigkill(tiny_model_dir, data, ddp_run, tmp_path):
     ddp = ddp_run[0] / "out" / "sweeprun0"
     out = tmp_path / "fsdp"
@@ -334,6 +357,7 @@ def test_fsdp_on_two_cpu_processes_matches_ddp_and_resumes_after_sigkill(tiny_mo
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 @pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed not installed (./init.sh --deepspeed; test.sh installs it)")
 def test_deepspeed_zero3_on_two_cpu_processes_matches_ddp_and_resumes_after_sigkill(
     tiny_model_dir, data, ddp_run, tmp_path
@@ -357,7 +381,7 @@ def test_deepspeed_zero3_on_two_cpu_processes_matches_ddp_and_resumes_after_sigk
     assert metric_steps(out) == [1, 2, 3, 4]
     diff = max_diff(ddp, out)
     print(f"ZeRO-3 (killed + resumed) vs DDP adapter: max abs diff {diff:.3e}")
-    assert diff <= 1e-4  # measured 5.2e-5 after 8 steps; a resume without the optimizer state is off by ~1e-3
+    assert diff <= 1e-4  # ZeRO-3 reduces in another order: 5.2e-5 measured after 8 steps (max |w| 0.13)
 
 
 # ------------------------------------------------------------------------------------------ W&B
