@@ -129,14 +129,24 @@ def test_single_gpu_config_keeps_cuda_visible_devices(tmp_path):
 
 
 def test_train_script_and_gpu_checks_parse():
-    for script in ("train_gemma3.sh", "bench/gpu_checks.sh", "init.sh", "test.sh"):
+    for script in ("train_gemma3.sh", "bench/gpu_checks.sh", "bench/gpu_checks_multi.sh", "init.sh", "test.sh"):
         proc = subprocess.run(["bash", "-n", script], cwd=REPO_ROOT, capture_output=True, text=True)
         assert proc.returncode == 0, f"{script}: {proc.stderr}"
-    for script in ("bench/gpu_checks.py", "bench/bench_train.py", "bench/make_random_gemma3.py"):
+    for script in (
+        "bench/gpu_checks.py",
+        "bench/gpu_checks_multi.py",
+        "bench/bench_train.py",
+        "bench/make_random_gemma3.py",
+    ):
         proc = subprocess.run(
             [sys.executable, script, "--help"], cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300
         )
         assert proc.returncode == 0 and "usage:" in proc.stdout, f"{script}: {proc.stderr[-1000:]}"
+    for script in ("bench/gpu_checks.py", "bench/gpu_checks_multi.py"):  # every command parses, configs accepted
+        proc = subprocess.run(
+            [sys.executable, script, "--check"], cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300
+        )
+        assert proc.returncode == 0 and "ok: " in proc.stdout, f"{script}: {proc.stderr[-1000:]}"
 
 
 # ------------------------------------------------------------------------------------------ precision
