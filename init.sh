@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # Idempotent set-up of a fresh machine: .venv (or conda with INIT_USE_CONDA=1), pinned packages,
-# the right torch build. Usage: ./init.sh [--dev]   (--dev adds the test tools)
+# the right torch build. Usage: ./init.sh [--dev] [--deepspeed]
+# (--dev adds the test tools; --deepspeed the optional DeepSpeed ZeRO-3 support, requirements-deepspeed.txt)
 set -euo pipefail
 cd "$(dirname "$0")"
 
 DEV=0
+DEEPSPEED=0
 for arg in "$@"; do
   case "$arg" in
     --dev) DEV=1 ;;
-    -h|--help) sed -n '2,3p' "$0"; exit 0 ;;
-    *) echo "error: unknown option $arg (use --dev)" >&2; exit 2 ;;
+    --deepspeed) DEEPSPEED=1 ;;
+    -h|--help) sed -n '2,4p' "$0"; exit 0 ;;
+    *) echo "error: unknown option $arg (use --dev, --deepspeed)" >&2; exit 2 ;;
   esac
 done
 
@@ -38,7 +41,7 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
 else
   TORCH_KIND=cpu
 fi
-STAMP=".venv/.pokemon-gemma-$(cat requirements.txt requirements-dev.txt pyproject.toml init.sh | sha256sum | cut -c1-16)-$TORCH_KIND-dev$DEV"
+STAMP=".venv/.pokemon-gemma-$(cat requirements.txt requirements-dev.txt requirements-deepspeed.txt pyproject.toml init.sh | sha256sum | cut -c1-16)-$TORCH_KIND-dev$DEV-ds$DEEPSPEED"
 if [ -f "$STAMP" ]; then
   say "environment up to date ($STAMP)"; exit 0
 fi
@@ -68,6 +71,17 @@ fi
 say "installing pokemon-gemma in editable mode (console commands pokemon-gemma-*)"
 pip_install "setuptools>=68" wheel
 pip_install --no-deps --no-build-isolation -e .
+if [ "$DEEPSPEED" = 1 ]; then
+  say "installing DeepSpeed (requirements-deepspeed.txt) and building its CPU communication op"
+  pip_install -r requirements-deepspeed.txt
+  # On CPU, DeepSpeed JIT-compiles a small C++ op at its first start (kept in .venv/torch_extensions):
+  # build it now, so that the first training run does not pay for it.
+  if [ "$TORCH_KIND" = cpu ]; then
+    "$PY" -c "from pokemon_gemma.distributed import use_own_extensions_dir as d; d()
+from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null 2>&1 \
+      || say "warning: DeepSpeed's CPU op did not build now (a C++ compiler is needed); it will be tried at first use"
+  fi
+fi
 
 "$PY" -c "import torch, transformers, peft, accelerate; print(f'[init] torch {torch.__version__} (cuda: {torch.cuda.is_available()}), transformers {transformers.__version__}, peft {peft.__version__}, accelerate {accelerate.__version__}')"
 rm -f .venv/.pokemon-gemma-*

@@ -3,7 +3,7 @@
 # (e.g. ./test.sh -m "not slow" for the quick loop; CI runs everything).
 set -euo pipefail
 cd "$(dirname "$0")"
-./init.sh --dev
+./init.sh --dev --deepspeed  # DeepSpeed is optional for users; CI runs its ZeRO-3 test
 echo "[test] ruff check + ruff format --check"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .

@@ -62,7 +62,11 @@ class Settings:
     use_peft: bool = _f(True, "train a LoRA adapter (else full fine-tuning)")
     use_qlora: bool = _f(False, "4-bit nf4 base (QLoRA); needs bitsandbytes")
     gradient_checkpointing: bool = _f(False, "trade compute for memory")
-    mixed_precision: str = _f("no", "autocast/weights dtype", ("no", "bf16", "fp16"))
+    mixed_precision: str = _f(
+        "",
+        "autocast/weights dtype ('' = the accelerate config's, else bf16 on a bf16 CUDA GPU, fp32 otherwise)",
+        ("", "no", "bf16", "fp16"),
+    )
     frame_layout: str = _f(
         "images", "4 separate images, or one 2x2 grid image (1/4 of the image tokens)", ("images", "grid")
     )

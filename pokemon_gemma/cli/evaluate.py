@@ -98,6 +98,8 @@ def main(argv=None) -> int:
         if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
             parser.error("--batch_size and --limit must be at least 1")
         setup_logging(settings)
+        from pokemon_gemma.distributed import precision_for
+
         cfg = ev.EvalConfig(
             model_name=args.model_name,
             adapter_path=args.adapter_path,
@@ -110,7 +112,7 @@ def main(argv=None) -> int:
             frame_layout=args.frame_layout,
             default_frame_layout=settings.frame_layout,
             backend=args.backend,
-            precision=args.mixed_precision,
+            precision=precision_for(args.mixed_precision)[0],  # same resolution as training
             max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size,
         )

@@ -159,13 +159,15 @@ def main(argv=None, default_backend: str = "torch", description: str = TORCH_DES
         args.backend,
         f" + adapter {args.adapter_path}" if args.adapter_path else "",
     )
+    from ..distributed import precision_for
+
     try:
         backend = load_backend(
             settings.model_path,
             args.adapter_path,
             backend=args.backend,
             default_frame_layout=settings.frame_layout,
-            precision=settings.mixed_precision,
+            precision=precision_for(settings.mixed_precision)[0],  # same resolution as training
             max_seq_length=settings.max_seq_length,
             token=settings.hub_token,
             version=args.model_version,
