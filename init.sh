@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # Idempotent set-up of a fresh machine: .venv (or conda with INIT_USE_CONDA=1), pinned packages,
-# the right torch build. Usage: ./init.sh [--dev]   (--dev adds the test tools)
+# the right torch build. Usage: ./init.sh [--dev] [--gguf]   (--dev adds the test tools; --gguf adds
+# llama-cpp-python and llama.cpp's HF -> GGUF converter for the GGUF export and backend)
 set -euo pipefail
 cd "$(dirname "$0")"
 
 DEV=0
+GGUF=0
 for arg in "$@"; do
   case "$arg" in
     --dev) DEV=1 ;;
-    -h|--help) sed -n '2,3p' "$0"; exit 0 ;;
-    *) echo "error: unknown option $arg (use --dev)" >&2; exit 2 ;;
+    --gguf) GGUF=1 ;;
+    -h|--help) sed -n '2,4p' "$0"; exit 0 ;;
+    *) echo "error: unknown option $arg (use --dev, --gguf)" >&2; exit 2 ;;
   esac
 done
 
@@ -38,10 +41,20 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
 else
   TORCH_KIND=cpu
 fi
-STAMP=".venv/.pokemon-gemma-$(cat requirements.txt requirements-dev.txt pyproject.toml init.sh | sha256sum | cut -c1-16)-$TORCH_KIND-dev$DEV"
-if [ -f "$STAMP" ]; then
-  say "environment up to date ($STAMP)"; exit 0
-fi
+# One stamp per set of inputs and torch build, recording the extras installed (dev, gguf): a run that
+# asks for no more than a stamp records is a no-op, and a new stamp keeps what the old one had.
+BASE_STAMP=".venv/.pokemon-gemma-$(cat requirements.txt requirements-dev.txt pyproject.toml init.sh | sha256sum | cut -c1-16)-$TORCH_KIND"
+for old in "$BASE_STAMP"-dev*-gguf*; do
+  [ -f "$old" ] || continue
+  extras=${old#"$BASE_STAMP"-dev}
+  had_dev=${extras%%-gguf*} had_gguf=${extras#*-gguf}
+  if [ "$had_dev" -ge "$DEV" ] && [ "$had_gguf" -ge "$GGUF" ]; then
+    say "environment up to date ($old)"; exit 0
+  fi
+  if [ "$had_dev" -gt "$DEV" ]; then DEV=$had_dev; fi
+  if [ "$had_gguf" -gt "$GGUF" ]; then GGUF=$had_gguf; fi
+done
+STAMP="$BASE_STAMP-dev$DEV-gguf$GGUF"
 
 say "checking the package registry"
 "$PY" -m pip download --disable-pip-version-check -q --no-deps --dest "$(mktemp -d)" python-dotenv==1.2.4 >/dev/null 2>&1 \
@@ -68,6 +81,24 @@ fi
 say "installing pokemon-gemma in editable mode (console commands pokemon-gemma-*)"
 pip_install "setuptools>=68" wheel
 pip_install --no-deps --no-build-isolation -e .
+
+if [ "$GGUF" = 1 ]; then
+  LLAMA_CPP_VERSION=$(sed -n 's/^LLAMA_CPP_PYTHON_VERSION = "\(.*\)"$/\1/p' pokemon_gemma/export/llama_cpp.py)
+  if "$PY" -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$LLAMA_CPP_VERSION')" 2>/dev/null; then
+    say "llama-cpp-python $LLAMA_CPP_VERSION already installed"
+  else
+    # PyPI has only the sdist: the first install compiles llama.cpp (~19 CPU-minutes: ~10 min on 2 idle
+    # cores). Named requirement: pip's wheel cache makes every later install take seconds (and a wheel
+    # folder works too: PIP_FIND_LINKS=DIR). A portable CPU build (x86-64-v3, not -march=native), no OpenSSL.
+    say "installing llama-cpp-python==$LLAMA_CPP_VERSION (compiles llama.cpp unless pip has the wheel cached)"
+    CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DLLAMA_OPENSSL=OFF}" \
+      CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)}" \
+      pip_install "llama-cpp-python==$LLAMA_CPP_VERSION"
+  fi
+  say "llama.cpp's HF -> GGUF converter from the same sdist (convert_hf_to_gguf.py, conversion/, gguf-py/)"
+  "$PY" -m pokemon_gemma.export.llama_cpp fetch \
+    || fail "could not extract llama.cpp's converter from the llama-cpp-python sdist (see the message above)"
+fi
 
 "$PY" -c "import torch, transformers, peft, accelerate; print(f'[init] torch {torch.__version__} (cuda: {torch.cuda.is_available()}), transformers {transformers.__version__}, peft {peft.__version__}, accelerate {accelerate.__version__}')"
 rm -f .venv/.pokemon-gemma-*
