@@ -26,7 +26,10 @@ stage "demo sessions (Eevee v1 V3 runs with rendered frames)"
 $PY scripts/make_demo_sessions.py --output_dir "$DEMO_DIR/sessions" --sessions "$SESSIONS" --seed 0 --overwrite
 
 stage "convert to 4-frame JSONL"
-$PY scripts/convert_eevee_data_v2.py --eevee_data_dir "$DEMO_DIR/sessions" --output_dir "$DATA" --copy_images --workers 2
+# --min_frames 1: a session's first turns are targets too, their windows padded by repeating the first
+# frame, exactly what a player sees at the start of an episode (and after a press that changes nothing).
+$PY scripts/convert_eevee_data_v2.py --eevee_data_dir "$DEMO_DIR/sessions" --output_dir "$DATA" --copy_images --workers 2 \
+    --min_frames 1
 
 # The demo's own settings file: the batch-size finder rewrites BATCH_SIZE/GRAD_ACCUM in it.
 [ -f "$DEMO_ENV" ] || printf '# demo settings (demo.sh)\nMODEL_NAME=%s\nBATCH_SIZE=1\nGRAD_ACCUM=16\n' "$TINY" > "$DEMO_ENV"

@@ -88,10 +88,14 @@ def load_phase(url: str, payloads: list[dict], clients: int) -> dict:
     after = scrape(url)
     if failures:
         raise SystemExit(f"error: {len(failures)} requests failed, first: {failures[0]}")
-    batches = counter(after, "pokemon_batch_size_count") - counter(before, "pokemon_batch_size_count")
-    batched = counter(after, "pokemon_batch_size_sum") - counter(before, "pokemon_batch_size_sum")
-    encoded = counter(after, "pokemon_vision_frames_encoded_total") - counter(
-        before, "pokemon_vision_frames_encoded_total"
+    batches = counter(after, "pokemon_gemma_batch_size_requests_count") - counter(
+        before, "pokemon_gemma_batch_size_requests_count"
+    )
+    batched = counter(after, "pokemon_gemma_batch_size_requests_sum") - counter(
+        before, "pokemon_gemma_batch_size_requests_sum"
+    )
+    encoded = counter(after, "pokemon_gemma_vision_frames_encoded_total") - counter(
+        before, "pokemon_gemma_vision_frames_encoded_total"
     )
     return {
         "requests": len(latencies),

@@ -60,6 +60,17 @@ class ProbeResult:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def fitting(cls, batch_size: int, step_time: float, peak: float | None) -> ProbeResult:
+        """A probe whose steps ran: their time and peak memory."""
+        return cls(
+            batch_size,
+            True,
+            peak_memory_gb=peak,
+            step_time_s=step_time,
+            samples_per_s=batch_size / step_time if step_time > 0 else None,
+        )
+
 
 # --------------------------------------------------------------------------- devices and memory
 def resolve_device(name: str = "auto") -> str:
@@ -248,13 +259,7 @@ def probe_in_child(s: Settings, records: list[Record], batch_size: int, n_steps:
     kind, payload = message
     if kind == "ok":
         step_time, peak = payload
-        return ProbeResult(
-            batch_size,
-            True,
-            peak_memory_gb=peak,
-            step_time_s=step_time,
-            samples_per_s=batch_size / step_time if step_time > 0 else None,
-        )
+        return ProbeResult.fitting(batch_size, step_time, peak)
     if kind == "oom":
         return ProbeResult(batch_size, False, oom=True, note=payload)
     if kind == "load_error":
@@ -278,13 +283,7 @@ def probe_in_process(prober: Prober, records: list[Record], batch_size: int, n_s
         free_device_memory(prober.device)
         return ProbeResult(batch_size, False, oom=True, note=oom_note)
     free_device_memory(prober.device)
-    return ProbeResult(
-        batch_size,
-        True,
-        peak_memory_gb=peak,
-        step_time_s=step_time,
-        samples_per_s=batch_size / step_time if step_time > 0 else None,
-    )
+    return ProbeResult.fitting(batch_size, step_time, peak)
 
 
 # --------------------------------------------------------------------------- search

@@ -108,6 +108,22 @@ def tied_parameter_names(model) -> set[str]:
     return tied
 
 
+def saved_names(model) -> dict[str, str]:
+    """{name in the files save_pretrained writes: name in model.state_dict()}. transformers 5 saves
+    under the hub's original names (Gemma 3: `language_model.model.*` for `model.language_model.*`),
+    through the same reverse conversion asked here one key at a time."""
+    state = model.state_dict()
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # older transformers save the names they use
+        return {key: key for key in state}
+    names = {}
+    for key, value in state.items():
+        (saved,) = revert_weight_conversion(model, {key: value})
+        names[saved] = key
+    return names
+
+
 def load_full_weights(model, path: Path) -> None:
     """Load a full-model checkpoint strictly: every parameter but the tied ones must be in the files."""
     from safetensors.torch import load_file
@@ -117,12 +133,15 @@ def load_full_weights(model, path: Path) -> None:
         state.update(load_file(shard))
     if not state:
         raise CheckpointError(f"{path}: no *.safetensors weights in this full fine-tuning checkpoint")
-    result = model.load_state_dict(state, strict=False)
-    missing = sorted(set(result.missing_keys) - tied_parameter_names(model))
-    if missing or result.unexpected_keys:
+    names = saved_names(model)
+    file_name = {model_key: saved for saved, model_key in names.items()}
+    result = model.load_state_dict({names.get(k, k): v for k, v in state.items()}, strict=False)
+    missing = sorted(file_name.get(k, k) for k in set(result.missing_keys) - tied_parameter_names(model))
+    unexpected = sorted(result.unexpected_keys)
+    if missing or unexpected:
         raise CheckpointError(
             f"{path}: weights do not match the model ({len(missing)} missing, e.g. {missing[:1]}; "
-            f"{len(result.unexpected_keys)} unexpected, e.g. {result.unexpected_keys[:1]})"
+            f"{len(unexpected)} unexpected, e.g. {unexpected[:1]})"
         )
 
 

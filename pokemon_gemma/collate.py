@@ -8,13 +8,14 @@ the answer are never truncated: an over-long sample loses context text first, el
 
 from __future__ import annotations
 
+import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 from PIL import Image
 
-from .dataset import FRAMES_PER_SAMPLE, Record
+from .dataset import FRAMES_PER_SAMPLE, MAX_FRAME_PIXELS, Record
 
 IGNORE_INDEX = -100
 GRID_NOTE = (
@@ -23,7 +24,16 @@ GRID_NOTE = (
 
 
 class SampleError(ValueError):
-    """A sample that cannot be trained on as is; the message names the sample."""
+    """A sample that cannot be trained on as is; the message names the sample (one line).
+
+    Raised in a DataLoader worker, torch re-raises it in the training process with the worker's
+    traceback in the message: only the original last line is kept, so the error stays one line."""
+
+    def __init__(self, message: str):
+        if "Original Traceback" in message:
+            last = message.strip().splitlines()[-1]
+            message = last.partition(f"{SampleError.__name__}: ")[2] or last
+        super().__init__(message)
 
 
 @dataclass
@@ -53,6 +63,44 @@ def tile_grid(frames: list[Image.Image]) -> Image.Image:
     return grid
 
 
+def declared_size(path: str) -> tuple[int, int] | None:
+    """(width, height) an image file declares, read from its header without decoding anything (and
+    without PIL's decompression-bomb check, which refuses the largest before saying their size)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(24)
+    except OSError:
+        return None
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+        return struct.unpack(">II", head[16:24])
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+def too_large(path: str) -> str | None:
+    """Why a frame is too large to decode (its header declares more than MAX_FRAME_PIXELS), else None."""
+    size = declared_size(path)
+    if size is not None and size[0] * size[1] > MAX_FRAME_PIXELS:
+        return f"frame declares {size[0]}x{size[1]} pixels, more than {MAX_FRAME_PIXELS} (a decompression bomb?)"
+    return None
+
+
+def open_frame(path: str) -> Image.Image:
+    """A frame decoded to RGB; SampleError (one line, naming the file) when it cannot be, or when its
+    header declares more than MAX_FRAME_PIXELS (checked before a pixel is decoded)."""
+    problem = too_large(path)
+    if problem:
+        raise SampleError(f"{path}: {problem} (delete it or re-convert)")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise SampleError(f"{path}: cannot decode frame ({exc})") from None
+
+
 class FrameLoader:
     """Decodes frames to RGB with a small LRU cache: a frame recurs in up to 4 sliding windows."""
 
@@ -65,11 +113,7 @@ class FrameLoader:
         if image is not None:
             self.cache.move_to_end(path)
             return image
-        try:
-            with Image.open(path) as im:
-                image = im.convert("RGB")
-        except (OSError, ValueError) as exc:
-            raise SampleError(f"{path}: cannot decode frame ({exc})") from None
+        image = open_frame(path)
         self.cache[path] = image
         if len(self.cache) > self.cache_size:
             self.cache.popitem(last=False)

@@ -31,7 +31,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from .dataset import FRAMES_PER_SAMPLE, QUESTION, make_output
+from .dataset import FRAMES_PER_SAMPLE, MAX_FRAME_PIXELS, QUESTION, make_output
 from .eevee import (
     Problem,
     Session,
@@ -65,6 +65,7 @@ FIX_HINTS = {
     "bad_timestamp": "turn timestamps must be ISO times",
     "missing_frame": "the turn's sshots/step_NNNN_grid.png is missing",
     "corrupt_frame": "the PNG does not decode; re-capture or delete it",
+    "oversized_frame": f"the PNG declares more than {MAX_FRAME_PIXELS} pixels (a decompression bomb?); delete it",
     "too_few_turns": "fewer recorded turns than --min_frames",
     "no_frames": "no turn has a frame file (V0 screenshot paths point at the recording machine)",
     "no_valid_windows": "every window was skipped; see windows_skipped for why",
@@ -150,14 +151,24 @@ def png_problem(data: bytes) -> str | None:
     return None
 
 
+def png_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the IHDR of a PNG that passed `png_problem`."""
+    return struct.unpack(">II", data[16:24])
+
+
 def check_frame(path: Path) -> tuple[str | None, bytes]:
-    """(None, digest) for a PNG that decodes; (reason, b"") otherwise. Reads the file once."""
+    """(None, digest) for a PNG that decodes; (reason, b"") otherwise. Reads the file once. A frame that
+    declares more than MAX_FRAME_PIXELS (a decompression bomb: a few KB that decode to gigabytes) is
+    `oversized_frame`: no later stage could decode it."""
     try:
         data = path.read_bytes()
     except OSError:
         return "missing_frame", b""
     if png_problem(data):
         return "corrupt_frame", b""
+    width, height = png_size(data)
+    if width * height > MAX_FRAME_PIXELS:
+        return "oversized_frame", b""
     return None, hashlib.blake2b(data, digest_size=8).digest()
 
 
@@ -211,7 +222,17 @@ def _copy_frame(src: Path, dest: Path, previous: Path | None = None) -> bool:
 
 def convert_session(session_dir: str | Path, opts: ConvertOptions) -> SessionResult:
     """All windows of one session folder, with every skipped window counted by reason."""
-    session_dir = Path(session_dir)
+    try:
+        return _convert_session(Path(session_dir), opts)
+    except RecursionError:  # a value nested just under the JSON parser's limit, met again when writing it out
+        name = Path(session_dir).name
+        res = SessionResult(dir=str(session_dir), image_key=name.removeprefix("session_"))
+        res.skip_reason, res.skip_detail = "invalid_json", "a value is nested too deeply (hostile file?)"
+        res.problems.append(Problem(str(Path(session_dir) / "session_data.json"), res.skip_reason, res.skip_detail))
+        return res
+
+
+def _convert_session(session_dir: Path, opts: ConvertOptions) -> SessionResult:
     name = session_dir.name
     res = SessionResult(
         dir=str(session_dir), image_key=name[len("session_") :] if name.startswith("session_") else name

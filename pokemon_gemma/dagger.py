@@ -30,6 +30,7 @@ Labelers (`--labeler`): `expert` (the demo world's expert button recorded for ev
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -241,6 +242,7 @@ class DaggerConfig:
     labeler: str = "expert"
     mix: float = 0.5  # share of original training windows in each round's training set
     compare_bc: bool = True
+    unstick: bool = False  # play (data and evaluation) with the unstick rule; the other setting is evaluated too
     max_eval_samples: int = 0  # offline evaluation: first N test samples (0 = all)
     train_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {"learning_rate": 1e-3}
     python: str = sys.executable
@@ -308,7 +310,15 @@ def _step(ctx: Ctx, folder: Path, title: str, work: Callable[[], dict[str, Any]]
 
 # --------------------------------------------------------------------------- the steps
 def _play(
-    ctx: Ctx, model: str | None, policy: str, folder: Path, episodes: int, seed: int, record: bool, gif: int = 0
+    ctx: Ctx,
+    model: str | None,
+    policy: str,
+    folder: Path,
+    episodes: int,
+    seed: int,
+    record: bool,
+    gif: int = 0,
+    unstick: bool = False,
 ) -> dict[str, Any]:
     from .play.run import PlayConfig, run_play
 
@@ -324,6 +334,7 @@ def _play(
         gif=gif,
         model_path=model,
         default_frame_layout=ctx.train_settings.get("frame_layout") or "images",
+        unstick=unstick,
     )
     report = run_play(cfg, show_progress=False, echo=ctx.echo)
     return report["policies"][policy]
@@ -350,17 +361,42 @@ def _convert(runs_parent: Path, out: Path) -> tuple[list[dict[str, Any]], dict[s
     return rows, summary
 
 
+def distinct_windows(rows: list[dict[str, Any]], base: Path) -> list[dict[str, Any]]:
+    """Windows with distinct (frame bytes, label): a player stuck for 100 presses visited one state,
+    not 100 (the first occurrence is kept, in order)."""
+    digests: dict[str, str] = {}
+
+    def digest(path: str) -> str:
+        full = path if Path(path).is_absolute() else str(base / path)
+        if full not in digests:
+            digests[full] = hashlib.blake2b(Path(full).read_bytes(), digest_size=16).hexdigest()
+        return digests[full]
+
+    seen, out = set(), []
+    for row in rows:
+        key = (tuple(digest(f) for f in row["frames"]), row["metadata"]["button"])
+        if key not in seen:
+            seen.add(key)
+            out.append(row)
+    return out
+
+
 def collect_dagger(ctx: Ctx, folder: Path, model: str, round_no: int) -> dict[str, Any]:
     seed = ctx.cfg.play_seed + 1000 * round_no
-    play = _play(ctx, model, "model", folder / "play", ctx.cfg.episodes_per_round, seed, record=True)
+    play = _play(
+        ctx, model, "model", folder / "play", ctx.cfg.episodes_per_round, seed, record=True, unstick=ctx.cfg.unstick
+    )
     runs = folder / "play" / "recorded" / "model" / "runs"
     relabelled = folder / "relabelled" / "runs"
     ctx.labeler.failures.clear()
     sessions = sorted(p for p in runs.iterdir() if p.is_dir()) if runs.is_dir() else []
     done = [relabel_session(session, relabelled, ctx.labeler) for session in sessions]
-    rows, summary = _convert(folder / "relabelled", folder / "data")
+    converted, summary = _convert(folder / "relabelled", folder / "data")
+    rows = distinct_windows(converted, folder / "data")
+    atomic_write_jsonl(folder / "data" / "train.jsonl", rows)
     return {
         "windows": len(rows),
+        "windows_before_dedup": len(converted),
         "labelled_turns": sum(d.labelled for d in done),
         "unlabelled_turns": sum(d.unlabelled for d in done),
         "label_failures": dict(ctx.labeler.failures),
@@ -466,7 +502,27 @@ def train(ctx: Ctx, folder: Path, init_adapter: str, dataset: Path, max_steps: i
 def evaluate_round(ctx: Ctx, folder: Path, model: str) -> dict[str, Any]:
     from . import evaluate as ev
 
-    play = _play(ctx, model, "model", folder / "play", ctx.cfg.eval_episodes, ctx.cfg.eval_seed, record=False, gif=2)
+    play = _play(
+        ctx,
+        model,
+        "model",
+        folder / "play",
+        ctx.cfg.eval_episodes,
+        ctx.cfg.eval_seed,
+        record=False,
+        gif=2,
+        unstick=ctx.cfg.unstick,
+    )
+    other = _play(
+        ctx,
+        model,
+        "model",
+        folder / "play_other",
+        ctx.cfg.eval_episodes,
+        ctx.cfg.eval_seed,
+        record=False,
+        unstick=not ctx.cfg.unstick,
+    )
     data = Path(ctx.cfg.dataset_dir)
     cfg = ev.EvalConfig(
         model_name=model,
@@ -480,7 +536,13 @@ def evaluate_round(ctx: Ctx, folder: Path, model: str) -> dict[str, Any]:
         report = ev.evaluate(cfg, progress=False)
     except ev.EvalError as exc:
         raise DaggerError(f"offline evaluation of {model}: {exc}") from None
-    return {**_brief(play), "offline_accuracy": report["accuracy"], "offline_n": report["n"]}
+    label = "unstick" if not ctx.cfg.unstick else "greedy"
+    return {
+        **_brief(play),
+        **{f"{label}_{k}": v for k, v in _brief(other).items()},
+        "offline_accuracy": report["accuracy"],
+        "offline_n": report["n"],
+    }
 
 
 def _brief(play: dict[str, Any]) -> dict[str, Any]:
@@ -596,6 +658,7 @@ def write_report(ctx: Ctx, rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "rounds": rounds,
     }
     atomic_write_json(ctx.out / "dagger_report.json", report)
+    other = "greedy" if ctx.cfg.unstick else "unstick"
     lines = [
         "# DAgger vs equal-budget behaviour cloning" if "bc" in chains else "# DAgger",
         "",
@@ -603,8 +666,12 @@ def write_report(ctx: Ctx, rounds: list[dict[str, Any]]) -> dict[str, Any]:
         f"episodes per round, evaluation on {ctx.cfg.eval_episodes} held-out seeds ({ctx.cfg.eval_seed}+), "
         f"{ctx.cfg.goals_per_episode} goals within {ctx.cfg.max_steps} presses",
         "",
-        "| round | chain | new windows (total) | train windows | steps | success | steps ratio | stuck | offline acc |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"- play: {'with' if ctx.cfg.unstick else 'without'} the unstick rule (the other setting in the "
+        f"`{'greedy' if ctx.cfg.unstick else 'unstick'}` columns)",
+        "",
+        "| round | chain | new windows (total) | train windows | steps | success | steps ratio | steps/goal | stuck | "
+        f"{other} success | {other} steps/goal | offline acc |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for entry in rounds:
         for chain in chains:
@@ -614,8 +681,9 @@ def write_report(ctx: Ctx, rounds: list[dict[str, Any]]) -> dict[str, Any]:
             lines.append(
                 f"| {entry['round']} | {chain} | {c.get('collect', {}).get('windows', '-')} "
                 f"({agg.get('new_windows', '-')}) | {agg.get('train_windows', '-')} | {c.get('steps', '-')} | "
-                f"{_fmt(e['success_rate'], '.3f')} | {_fmt(e['steps_ratio'])} | {_fmt(e['stuck_rate'], '.3f')} | "
-                f"{_fmt(e['offline_accuracy'], '.3f')} |"
+                f"{_fmt(e['success_rate'], '.3f')} | {_fmt(e['steps_ratio'])} | {_fmt(e['steps_per_goal'], '.1f')} | "
+                f"{_fmt(e['stuck_rate'], '.3f')} | {_fmt(e.get(f'{other}_success_rate'), '.3f')} | "
+                f"{_fmt(e.get(f'{other}_steps_per_goal'), '.1f')} | {_fmt(e['offline_accuracy'], '.3f')} |"
             )
     lines += ["", "![success rate and steps ratio per round](dagger_report.png)", ""]
     atomic_write_text(ctx.out / "dagger_report.md", "\n".join(lines))

@@ -16,6 +16,10 @@ from .fileio import JsonlError, iter_jsonl
 
 BUTTONS = ("up", "down", "left", "right", "a", "b", "start", "select")
 FRAMES_PER_SAMPLE = 4
+# The most pixels one frame may declare (4096x4096). Every stage that decodes frames checks the
+# size from the image header first: the converter skips (and counts) a larger frame, validate and
+# training name it in a one-line error, the server answers 413. A real frame is ~240x160.
+MAX_FRAME_PIXELS = 4096 * 4096
 QUESTION = (
     "These are the last 4 frames of the game, oldest first. Which Game Boy button should be pressed "
     'next? Answer with JSON: {"button": one of up, down, left, right, a, b, start, select, '

@@ -307,6 +307,10 @@ def read_session(session_dir: str | Path) -> Session:
                 f"{exc.msg} at column {exc.colno} (truncated or hand-edited file?)",
             )
         ) from None
+    except RecursionError:
+        raise SessionError(Problem(where, "invalid_json", "nested too deeply for a session (hostile file?)")) from None
+    except ValueError as exc:  # an integer of more than 4300 digits
+        raise SessionError(Problem(where, "invalid_json", f"{str(exc).split(':')[0]} (hostile file?)")) from None
     if not isinstance(data, dict):
         raise SessionError(Problem(where, "wrong_type", f"top level is a {_type_name(data)}, expected an object"))
     key = "gameplay_history" if "gameplay_history" in data else "turns"

@@ -2,7 +2,8 @@
 
 Everything written here gets the permissions an ordinary file or folder would get under the
 process umask (0644/0755 under the usual 022): `mkstemp` alone would leave files at 0600,
-unreadable to a teammate or a serving user.
+unreadable to a teammate or a serving user, and so does safetensors >= 0.8 (`save_pretrained`),
+so `staged_dir` makes everything it publishes readable (`make_readable`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -38,7 +40,27 @@ def _read_umask() -> int:
     return mask
 
 
-FILE_MODE = 0o666 & ~_read_umask()
+_UMASK = _read_umask()
+FILE_MODE = 0o666 & ~_UMASK
+
+
+def make_readable(folder: str | Path) -> None:
+    """Add the read bits (and, on folders, the enter bits) an ordinary file or folder gets under the
+    umask to everything under `folder`. Libraries that write through private temp files leave 0600:
+    safetensors >= 0.8 does, so every `save_pretrained` would write unreadable weights."""
+    read, enter = 0o444 & ~_UMASK, 0o111 & ~_UMASK
+
+    def add(path: str, bits: int) -> None:
+        mode = os.lstat(path).st_mode
+        if not stat.S_ISLNK(mode) and mode & bits != bits:
+            os.chmod(path, stat.S_IMODE(mode) | bits)
+
+    add(str(folder), read | enter)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            add(os.path.join(root, name), read | enter)
+        for name in files:
+            add(os.path.join(root, name), read)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -157,6 +179,7 @@ def staged_dir(final: str | Path, *, tag: str = "staging", merge: bool = False) 
     staging.mkdir()
     try:
         yield staging
+        make_readable(staging)
         if merge and final.is_dir():
             move_entries(staging, final)
             staging.rmdir()

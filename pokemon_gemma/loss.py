@@ -9,6 +9,7 @@ training loop divides by the number of supervised tokens of the whole optimizer 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,9 @@ def loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
 
 # --- Gemma 3 attention masks without torch.vmap (performance only; same masks as transformers)
 _MASKS_VERIFIED: dict[tuple, bool] = {}  # (config class, sliding window) -> equal to transformers'
+# Micro-batches per mask path: "precomputed" (built here) or "model" (transformers builds them). Tests read
+# it to know which path a loss went through.
+MASK_PATHS: Counter[str] = Counter()
 
 
 def _text_config(model):
@@ -81,6 +85,7 @@ def gemma3_attention_masks(model, batch: dict[str, torch.Tensor]) -> dict | None
         or batch.get("attention_mask") is None
         or batch["attention_mask"].dim() != 2
     ):
+        MASK_PATHS["model"] += 1
         return None
     masks = _build_masks(batch["attention_mask"], batch["token_type_ids"], config.sliding_window)
     key = (type(config).__name__, config.sliding_window)
@@ -88,6 +93,7 @@ def gemma3_attention_masks(model, batch: dict[str, torch.Tensor]) -> dict | None
         _MASKS_VERIFIED[key] = _same_as_transformers(config, batch, masks)
         if not _MASKS_VERIFIED[key]:
             log.warning("precomputed Gemma 3 attention masks differ from transformers'; using the model's own")
+    MASK_PATHS["precomputed" if _MASKS_VERIFIED[key] else "model"] += 1
     return masks if _MASKS_VERIFIED[key] else None
 
 

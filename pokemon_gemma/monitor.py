@@ -36,25 +36,35 @@ class MetricsSnapshot:
     server_errors: float = 0.0  # 5xx
     client_errors: float = 0.0  # 4xx
     model_version: str | None = None
+    resident_memory_bytes: float | None = None  # the server process's RSS
+
+
+# The server's metric names (serve/metrics.py; deploy/prometheus/alerts.yml uses the same).
+REQUESTS_METRIC = "pokemon_gemma_http_requests_total"
+MODEL_INFO_METRIC = "pokemon_gemma_model_info"
+RESIDENT_MEMORY_METRIC = "process_resident_memory_bytes"
 
 
 def parse_metrics(text: str) -> MetricsSnapshot:
     """Totals of the API endpoints (/v1/*) from the server's Prometheus text (see serve/metrics.py);
-    /health, /ready and /metrics are left out (a 503 from /ready while warming up is not an error)."""
+    /health, /ready and /metrics are left out (a 503 from /ready while warming up is not an error).
+    A client that hung up (code 499) is a client error, never a server error."""
     from prometheus_client.parser import text_string_to_metric_families
 
     snap = MetricsSnapshot()
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name == "pokemon_requests_total" and sample.labels.get("endpoint", "").startswith("/v1/"):
+            if sample.name == REQUESTS_METRIC and sample.labels.get("endpoint", "").startswith("/v1/"):
                 code = int(sample.labels.get("code", "0"))
                 snap.requests += sample.value
                 if code >= 500:
                     snap.server_errors += sample.value
                 elif code >= 400:
                     snap.client_errors += sample.value
-            elif sample.name == "pokemon_model_info" and sample.value == 1:
+            elif sample.name == MODEL_INFO_METRIC and sample.value == 1:
                 snap.model_version = sample.labels.get("model_version")
+            elif sample.name == RESIDENT_MEMORY_METRIC:
+                snap.resident_memory_bytes = sample.value
     return snap
 
 
@@ -156,6 +166,9 @@ class HealthMonitor:
                 "error_rate": round(rate5, 4),
                 "client_error_rate": round(rate4, 4),
                 "model_version": snap.model_version,
+                "resident_memory_mb": None
+                if snap.resident_memory_bytes is None
+                else round(snap.resident_memory_bytes / 2**20, 1),
             }
             if rate5 > self.thresholds.error_rate:
                 reasons.append(

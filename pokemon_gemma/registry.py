@@ -12,11 +12,13 @@ read and inserted under the same write lock) and readers never block writers.
 
 from __future__ import annotations
 
+import functools
 import getpass
 import hashlib
 import json
 import logging
 import os
+import shutil
 import sqlite3
 import subprocess
 import time
@@ -35,6 +37,7 @@ log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("none", "staging", "production", "archived")
+SERVED_STAGES = ("staging", "production")  # promotion to these re-hashes the files first
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".npz", ".pt", ".gguf")
 # Files that define an adapter besides its weights: a changed adapter_config changes the model.
 ADAPTER_FILES = ("adapter_config.json",)
@@ -80,10 +83,44 @@ class RegistryError(RuntimeError):
     """A registry operation that cannot be done; the message says why and what to do."""
 
 
+SQLITE_MAGIC = b"SQLite format 3\x00"
+COLUMNS = {  # what a registry file of ours has; a SQLite file without these tables is someone else's
+    "versions": {"name", "version", "path", "sha256", "files", "size_bytes", "metrics", "tags", "stage"},
+    "stage_history": {"name", "version", "from_stage", "to_stage", "who", "at", "action"},
+}
+UNUSABLE = "(restore it from a backup, or pass another --registry_db / REGISTRY_DB)"
+
+
+def _db_errors(method):
+    """SQLite errors of a registry call become one-line RegistryErrors naming the file."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as exc:
+            raise self._error(exc) from None
+
+    return wrapper
+
+
 class DuplicateWeightsError(RegistryError):
     def __init__(self, message: str, existing: dict):
         super().__init__(message)
         self.existing = existing
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _disk_free(path: Path) -> int:
+    try:
+        return shutil.disk_usage(path.parent).free
+    except OSError:
+        return 1 << 40
 
 
 def current_user() -> str:
@@ -227,17 +264,53 @@ def _row_to_version(row: sqlite3.Row) -> Version:
 
 
 class Registry:
+    """Opening checks the file before SQLite writes to it: not a SQLite file, someone else's database,
+    or a damaged one (`PRAGMA quick_check`) is a RegistryError naming the file, and the file is left
+    exactly as it was. Every later SQLite error (a full disk, a file damaged meanwhile) is one too."""
+
     def __init__(self, db_path: str | Path, timeout_s: float = 60.0):
         self.db_path = Path(db_path)
-        self.db_path.parent.mkdir(parents=True, exist_ok=True)
-        self.conn = sqlite3.connect(str(self.db_path), timeout=timeout_s, isolation_level=None)
+        self._check_file()
+        try:
+            self.db_path.parent.mkdir(parents=True, exist_ok=True)
+            self.conn = sqlite3.connect(str(self.db_path), timeout=timeout_s, isolation_level=None)
+        except (OSError, sqlite3.Error) as exc:
+            raise RegistryError(f"{self.db_path}: cannot open the registry ({_reason(exc)})") from None
         self.conn.row_factory = sqlite3.Row
-        self._init_db()
+        try:
+            self._init_db()
+        except BaseException:
+            self.conn.close()
+            raise
+
+    def _error(self, exc: BaseException) -> RegistryError:
+        text = _reason(exc)
+        if "full" in text or ("I/O" in text and _disk_free(self.db_path) < 1 << 20):  # WAL writes report I/O
+            return RegistryError(f"{self.db_path}: {text} (free disk space; the registry is unchanged)")
+        if "locked" in text or "busy" in text:
+            return RegistryError(f"{self.db_path}: {text} (another process holds the registry; retry)")
+        return RegistryError(f"{self.db_path}: the registry is unusable ({text}) {UNUSABLE}")
+
+    def _check_file(self) -> None:
+        """A file that is not SQLite is refused before SQLite touches it (a directory, text, garbage)."""
+        path = self.db_path
+        if path.is_dir():
+            raise RegistryError(f"{path}: is a directory, not a registry file {UNUSABLE}")
+        try:
+            with open(path, "rb") as fh:
+                head = fh.read(len(SQLITE_MAGIC))
+        except FileNotFoundError:
+            return  # a new registry
+        except OSError as exc:
+            raise RegistryError(f"{path}: cannot read the registry ({_reason(exc)})") from None
+        if head and head != SQLITE_MAGIC:
+            raise RegistryError(f"{path}: not a SQLite registry (the file starts with {head[:8]!r}) {UNUSABLE}")
 
     def _init_db(self) -> None:
         # Switching to WAL needs a moment of exclusive access: retry while other processes hold it.
         for attempt in range(50):
             try:
+                self._check_contents()
                 self.conn.execute("PRAGMA journal_mode=WAL")
                 self.conn.execute("PRAGMA synchronous=NORMAL")
                 with self.transaction():
@@ -247,9 +320,30 @@ class Registry:
                 return
             except sqlite3.OperationalError as exc:
                 if "locked" not in str(exc) and "busy" not in str(exc):
-                    raise RegistryError(f"{self.db_path}: cannot open the registry ({exc})") from None
+                    raise self._error(exc) from None
                 time.sleep(0.05 * (attempt + 1))
+            except sqlite3.Error as exc:  # DatabaseError: "file is not a database", "malformed"
+                raise self._error(exc) from None
         raise RegistryError(f"{self.db_path}: database stayed locked (another process holds it)")
+
+    def _check_contents(self) -> None:
+        """Damage (quick_check) and someone else's schema are refused before anything is written."""
+        problems = [r[0] for r in self.conn.execute("PRAGMA quick_check(3)").fetchall()]
+        if problems != ["ok"]:
+            found = " ".join("; ".join(problems).replace("*", " ").split())[:200]
+            raise RegistryError(f"{self.db_path}: the registry is damaged ({found}) {UNUSABLE}")
+        tables = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        tables.discard("sqlite_sequence")
+        if not tables:
+            return  # a new, empty database: the schema is created
+        for table, needed in COLUMNS.items():
+            have = {r[1] for r in self.conn.execute(f"PRAGMA table_info({table})")}
+            if not needed <= have:
+                what = f"table {table} lacks {', '.join(sorted(needed - have))}" if have else f"no {table} table"
+                raise RegistryError(
+                    f"{self.db_path}: not a pokemon-gemma registry ({what}; tables: {', '.join(sorted(tables))}) "
+                    f"{UNUSABLE}"
+                )
 
     def close(self) -> None:
         self.conn.close()
@@ -280,6 +374,7 @@ class Registry:
         ).fetchall()
         return [dict(r) for r in rows]
 
+    @_db_errors
     def list_versions(self, name: str | None = None) -> list[Version]:
         if name:
             rows = self.conn.execute("SELECT * FROM versions WHERE name=? ORDER BY version", (name,)).fetchall()
@@ -287,9 +382,11 @@ class Registry:
             rows = self.conn.execute("SELECT * FROM versions ORDER BY name, version").fetchall()
         return [_row_to_version(r) for r in rows]
 
+    @_db_errors
     def names(self) -> list[str]:
         return [r[0] for r in self.conn.execute("SELECT DISTINCT name FROM versions ORDER BY name")]
 
+    @_db_errors
     def get(self, name: str, version: int | None = None) -> Version:
         if version is None:
             row = self.conn.execute(
@@ -308,9 +405,20 @@ class Registry:
         v.history = self._history(v.name, v.version)
         return v
 
+    @_db_errors
     def production(self, name: str) -> Version | None:
         row = self.conn.execute("SELECT * FROM versions WHERE name=? AND stage='production'", (name,)).fetchone()
         return _row_to_version(row) if row else None
+
+    def _require_intact(self, v: Version, stage: str) -> None:
+        """A version goes to staging or production only with the very files that were registered."""
+        integrity = self.verify(v)
+        if integrity["status"] != "ok":
+            bad = ", ".join(integrity["changed"] + [f"{m} (missing)" for m in integrity["missing"]])
+            raise RegistryError(
+                f"{v.ref}: not moved to {stage}: its files at {v.path} are {integrity['status']} "
+                f"({bad or integrity.get('detail', '')}) (restore them, or register the current files as a new version)"
+            )
 
     def verify(self, v: Version) -> dict[str, Any]:
         """Re-hash the version's files: {'status': ok|modified|missing, 'changed': [...], 'missing': [...]}."""
@@ -331,6 +439,7 @@ class Registry:
         return {"status": status, "changed": changed + [f"{a} (new)" for a in added], "missing": missing}
 
     # ----------------------------------------------------------------- writes
+    @_db_errors
     def register(
         self,
         name: str,
@@ -427,10 +536,13 @@ class Registry:
                 stack.append(version)
         return stack
 
+    @_db_errors
     def promote(self, name: str, version: int, stage: str, who: str | None = None, note: str = "promoted") -> Version:
         if stage not in STAGES:
             raise RegistryError(f"stage {stage!r} is not one of {', '.join(STAGES)}")
         who = who or current_user()
+        if stage in SERVED_STAGES:  # hashed before the write lock: the slow part
+            self._require_intact(self.get(name, version), stage)
         with self.transaction() as conn:
             v = self.get(name, version)
             if stage == "production":
@@ -443,6 +555,7 @@ class Registry:
                 self._set_stage(conn, v, stage, who, "promote", note)
         return self.get(name, version)
 
+    @_db_errors
     def rollback(self, name: str, who: str | None = None) -> tuple[Version, Version]:
         """Production goes back to the version that was in production before the current one."""
         who = who or current_user()
@@ -461,10 +574,12 @@ class Registry:
                     f"(v{current.version} is the first one promoted)"
                 )
             prev = self.get(name, previous)
+            self._require_intact(prev, "production")
             self._set_stage(conn, current, "archived", who, "archive", f"rolled back to v{previous}")
             self._set_stage(conn, prev, "production", who, "rollback", f"rollback from v{current.version}")
         return self.get(name, current.version), self.get(name, previous)
 
+    @_db_errors
     def delete(self, name: str, version: int, who: str | None = None) -> Version:
         with self.transaction() as conn:
             v = self.get(name, version)
@@ -478,6 +593,7 @@ class Registry:
             )
         return v
 
+    @_db_errors
     def export(self, name: str, version: int, output: str | Path) -> Path:
         v = self.get(name, version)
         doc = v.to_dict()

@@ -1,8 +1,10 @@
 """The 8-button scorer shared by training-time eval, evaluate.py and the server.
 
-The predicted button is the highest-scoring of the 8 full answers `{"button": "<b>",`: the prompt
-(images included) runs once, its KV cache is repeated 8 times, and only the short continuations
-are scored. First-token logits would not do: `a` and `b` can share their first token.
+The predicted button is the highest-scoring of the 8 full answers `{"button": "<b>",`, each scored
+as log P(answer | prompt): the prompt and the answers' shared opening (images included) run once,
+its KV cache is repeated 8 times, and only the short continuations run again. Equal, within float
+error, to 8 ordinary full forward passes (tests/test_reference.py). First-token logits would not
+do: `a` and `b` can share their first token.
 """
 
 from __future__ import annotations
@@ -36,6 +38,15 @@ class ButtonScores:
         exp = {b: math.exp(v - top) for b, v in self.logprobs.items()}
         total = sum(exp.values())
         return {b: v / total for b, v in exp.items()}
+
+
+@dataclass
+class Generation:
+    """A greedy answer with what the OpenAI API reports about it."""
+
+    text: str
+    completion_tokens: int  # tokens generated, the stop token included when there is one
+    finish_reason: str  # "stop": a stop token ended it; "length": max_new_tokens ran out first
 
 
 class ButtonScorer:
@@ -81,6 +92,7 @@ class ButtonScorer:
         prompt = self.collator.prompt_text(context, question)
         full = [self.collator.expanded_ids(prompt + answer_prefix(b)) for b in BUTTONS]
         shared = _common_prefix_length(full)
+        start = answer_start(self.collator, prompt, full, shared)
         prefix = torch.tensor([full[0][:shared]], device=self.device)
         self.collator._check("scoring prompt", prefix[0], len(images))
         if features is None:
@@ -92,10 +104,12 @@ class ButtonScorer:
             attention_mask=torch.ones_like(prefix),
             mm_encoder_outputs=encoder_outputs,
             use_cache=True,
+            logits_to_keep=shared - start + 1,  # the answers' shared opening and the first distinct token
         )
-        first_logprobs = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+        prefix_logprobs = torch.log_softmax(out.logits[0].float(), dim=-1)
+        opening = sum(float(prefix_logprobs[j, token]) for j, token in enumerate(full[0][start:shared]))
         tails = [ids[shared:] for ids in full]
-        scores = {b: float(first_logprobs[t[0]]) for b, t in zip(BUTTONS, tails)}
+        scores = {b: opening + float(prefix_logprobs[-1, t[0]]) for b, t in zip(BUTTONS, tails)}
         width = max(len(t) for t in tails) - 1
         if width > 0:
             cache = out.past_key_values
@@ -119,9 +133,15 @@ class ButtonScorer:
         """Greedy answer text (the model's JSON, unparsed)."""
         return self.generate_batch([(frames, context, question)], max_new_tokens)[0]
 
-    @torch.no_grad()
     def generate_batch(self, items: list[tuple[list[Image.Image], str, str]], max_new_tokens: int = 96) -> list[str]:
         """Greedy answers for several (frames, context, question) at once (prompts padded on the left)."""
+        return [g.text for g in self.generate_batch_details(items, max_new_tokens)]
+
+    @torch.no_grad()
+    def generate_batch_details(
+        self, items: list[tuple[list[Image.Image], str, str]], max_new_tokens: int = 96
+    ) -> list[Generation]:
+        """`generate_batch` with each answer's token count and why it ended."""
         texts = [self.collator.prompt_text(context, question) for _, context, question in items]
         images = [self.collator.images_for([], frames) for frames, _, _ in items]
         side = self.tokenizer.padding_side
@@ -141,7 +161,14 @@ class ButtonScorer:
             pad_token_id=self.tokenizer.pad_token_id,
         )
         width = enc["input_ids"].shape[1]
-        return [self.tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+        stops = {self.tokenizer.eos_token_id, eot}
+        results = []
+        for row in out:
+            new = row[width:].tolist()
+            end = next((i + 1 for i, token in enumerate(new) if token in stops), None)
+            text = self.tokenizer.decode(row[width:], skip_special_tokens=True).strip()
+            results.append(Generation(text, end or len(new), "stop" if end else "length"))
+        return results
 
 
 def parse_generated(text: str) -> tuple[dict | None, str | None]:
@@ -150,6 +177,13 @@ def parse_generated(text: str) -> tuple[dict | None, str | None]:
         return parse_output(text), None
     except ValueError as exc:
         return None, "invalid_json" if "not JSON" in str(exc) or "not a JSON object" in str(exc) else "invalid_button"
+
+
+def answer_start(collator: Collator, prompt: str, full: list[list[int]], shared: int) -> int:
+    """Index of the first answer token: where the prompt's own ids stop matching the full sequences
+    (a token merged across the prompt/answer boundary counts as answer). The answers' shared opening
+    `{"button": "` is scored too, so each score is log P(full answer prefix | prompt)."""
+    return min(_common_prefix_length([collator.expanded_ids(prompt), full[0]]), shared)
 
 
 def _common_prefix_length(seqs: list[list[int]]) -> int:

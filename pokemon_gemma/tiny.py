@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from .fileio import make_readable
+
 # Gemma's special tokens, in Gemma's id order for the first three (pad 0, eos 1, bos 2).
 SPECIAL_TOKENS = [
     "<pad>",
@@ -248,4 +250,5 @@ def build_tiny_model(output_dir: str | Path, seed: int = 0, image_size: int = 64
         image_seq_length=config.mm_tokens_per_image,
     )
     processor.save_pretrained(output_dir)
+    make_readable(output_dir)  # safetensors writes 0600
     return output_dir

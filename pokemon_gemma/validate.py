@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .config import Settings
-from .dataset import BUTTONS, Record, RecordError, record_from_dict
+from .dataset import BUTTONS, MAX_FRAME_PIXELS, Record, RecordError, record_from_dict
 from .progress import progress
 
 GIB = 2**30
@@ -151,6 +151,8 @@ def check_frames(rows: list[Row], report: Report) -> set[str]:
     """Each distinct frame is opened and decoded once; returns the paths that failed."""
     from PIL import Image
 
+    from .collate import declared_size
+
     users: dict[str, list[Row]] = defaultdict(list)
     for row in rows:
         for frame in row.record.frames:
@@ -167,11 +169,21 @@ def check_frames(rows: list[Row], report: Report) -> set[str]:
             )
             bad.add(frame)
             continue
+        size = declared_size(frame)  # from the header, before decoding: a decompression bomb is never decoded
+        if size is not None and size[0] * size[1] > MAX_FRAME_PIXELS:
+            report.error(
+                "frames",
+                first,
+                f"frame too large: {frame} declares {size[0]}x{size[1]} pixels (max {MAX_FRAME_PIXELS})",
+                "delete it or re-convert (the converter skips such frames)",
+            )
+            bad.add(frame)
+            continue
         try:
             with Image.open(frame) as im:
                 im.load()
                 sizes[f"{im.width}x{im.height}"] += 1
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
             report.error("frames", first, f"frame does not decode: {frame} ({exc})", "replace the PNG or re-convert")
             bad.add(frame)
     if len(sizes) > 1:

@@ -97,3 +97,25 @@ def fill_disk(folder: Path, leave_bytes: int) -> Path:
     with open(filler, "wb") as fh:
         fh.write(b"\0" * max(0, free - leave_bytes))
     return filler
+
+
+def bomb_png(path: Path, width: int = 30000, height: int = 30000) -> Path:
+    """A valid 1-bit greyscale PNG of `width` x `height` black pixels: ~110 KB on disk for 30000x30000,
+    900 M pixels decoded (PIL refuses it with DecompressionBombError). Written without ever holding
+    the pixels: the rows are compressed a chunk at a time."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\0" * (1 + (width + 7) // 8)  # filter byte + packed bits
+    packer = zlib.compressobj(9)
+    idat = bytearray()
+    block = row * 1000
+    for start in range(0, height, 1000):
+        idat += packer.compress(block if start + 1000 <= height else row * (height - start))
+    idat += packer.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", bytes(idat)) + chunk(b"IEND", b""))
+    return path

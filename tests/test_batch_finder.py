@@ -71,6 +71,7 @@ def test_search_doubles_then_bisects_to_the_largest_fit():
     assert probed == [1, 2, 4, 8, 6, 5] and [r.batch_size for r in results if r.fits] == [1, 2, 4, 5]
 
 
+@pytest.mark.slow  # probes train in child processes
 def test_budget_between_two_measured_peaks_picks_the_larger_size_under_it(
     tiny_model_dir, long_dataset, tmp_path, run_script
 ):
@@ -134,6 +135,7 @@ def test_update_env_keeps_every_other_byte(tmp_path):
     assert missing.read_text() == "BATCH_SIZE=1\nGRAD_ACCUM=16\n"
 
 
+@pytest.mark.slow  # probes train in child processes
 def test_batch_1_not_fitting_says_what_to_change(tiny_model_dir, tmp_path, run_script):
     data = write_dataset(tmp_path / "d", 2)
     env_file = tmp_path / "x.env"

@@ -522,3 +522,74 @@ def test_full_disk_is_one_line_and_the_previous_output_stays(tmp_path):
         after = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
         assert after == before
         assert sorted(p.name for p in disk.iterdir()) == [".filler", "out"]  # no staging folder left behind
+
+
+# --------------------------------------------------------------------------------------------
+# hostile input: session files built to crash a parser, frames built to exhaust memory
+
+HOSTILE_SESSIONS = {
+    "deep_nesting": '{"session_id": "x", "turns": ' + "[" * 5000 + "]" * 5000 + "}",
+    "huge_number": '{"session_id": "x", "goal": "g", "turns": [{"turn": ' + "9" * 5000 + "}]}",
+}
+
+
+@pytest.mark.parametrize(
+    "kind, flags",
+    [
+        ("deep_nesting", []),
+        ("huge_number", []),
+        ("deep_nesting", ["--workers", "2"]),
+        ("huge_number", ["--workers", "2"]),
+        ("deep_nesting", ["--strict"]),
+    ],
+    ids=["deep", "number", "deep-workers2", "number-workers2", "deep-strict"],
+)
+def test_hostile_session_file_is_skipped_and_counted_not_a_crash(tmp_path, kind, flags):
+    """A session_data.json nested 5000 deep or holding a 5000-digit number is one skipped session
+    (invalid_json, counted, warned about) and the rest converts; with --strict it is a one-line error."""
+    runs = tmp_path / "runs"
+    write_session(runs, "20250801_000000")
+    bad = write_session(runs, "20250801_000001", data=HOSTILE_SESSIONS[kind])
+    write_session(runs, "20250801_000002")
+    r = run_cli("--eevee_data_dir", tmp_path, "--output_dir", tmp_path / "out", *flags)
+    assert "Traceback" not in r.stderr, r.stderr
+    if "--strict" in flags:
+        assert r.returncode == 1
+        line = r.stderr.strip().splitlines()[-1]
+        assert line.startswith("error: ") and str(bad / "session_data.json") in line and "invalid_json" in line, line
+        assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+        return
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["sessions"]["found"] == 3 and summary["sessions"]["used"] == 2
+    assert summary["sessions"]["skipped_by_reason"] == {"invalid_json": 1}
+    (skipped,) = summary["skipped_sessions"]
+    assert skipped["path"] == str(bad) and skipped["reason"] == "invalid_json"
+    assert ("nested too deeply" if kind == "deep_nesting" else "4300 digits") in skipped["detail"]
+    assert f"{bad / 'session_data.json'}: invalid_json" in r.stderr  # the one-line warning
+    assert summary["windows"]["produced"] == 6
+
+
+def test_decompression_bomb_frame_is_rejected_and_counted(tmp_path):
+    """A 109 KB PNG declaring 30000x30000 pixels is never decoded: its windows are skipped as
+    oversized_frame (counted, warned about), the other frames convert; --strict names the file."""
+    from tests.helpers import bomb_png
+
+    runs = tmp_path / "runs"
+    write_session(runs, "20250802_000000")
+    d = write_session(runs, "20250802_000001")
+    bomb = bomb_png(d / "sshots" / "step_0006_grid.png")
+    assert bomb.stat().st_size < 120_000
+    r = run_cli("--eevee_data_dir", tmp_path, "--output_dir", tmp_path / "out")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["problems"]["by_reason"] == {"oversized_frame": 1}
+    assert summary["windows"]["skipped_by_reason"] == {"oversized_frame": 1}  # the window ending at turn 6
+    assert summary["windows"]["produced"] == 3 + 2
+    full = (tmp_path / "out" / "pokemon_4frame_dataset_full.jsonl").read_text()
+    assert str(bomb) not in full
+    assert f"{bomb}: oversized_frame" in r.stderr
+    strict = run_cli("--eevee_data_dir", tmp_path, "--output_dir", tmp_path / "strict", "--strict")
+    line = strict.stderr.strip().splitlines()[-1]
+    assert strict.returncode == 1 and "Traceback" not in strict.stderr
+    assert line.startswith("error: ") and str(bomb) in line and "oversized_frame" in line, line

@@ -7,11 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from pokemon_gemma import evaluate as ev
+from pokemon_gemma import plots
 from pokemon_gemma.backends import load_backend
 from pokemon_gemma.dataset import BUTTONS, QUESTION, Record, load_records, make_output
 from tests.conftest import REPO_ROOT
@@ -85,6 +87,7 @@ def run_eval(model_dir, dataset, out, **kw) -> dict:
     return ev.evaluate(cfg, progress=False)
 
 
+@pytest.mark.slow  # trains the confident model
 def test_accuracy_confusion_and_contexts_equal_brute_force(confident_model_dir, dataset, tmp_path):
     from pokemon_gemma.collate import Collator
     from pokemon_gemma.modeling import load_for_inference
@@ -147,6 +150,7 @@ def test_accuracy_confusion_and_contexts_equal_brute_force(confident_model_dir, 
     assert [r["true"] for r in rows] == [r.button for r in records]
 
 
+@pytest.mark.slow  # trains the confident model
 def test_score_and_generate_agree_on_a_confident_model(confident_model_dir, dataset, tmp_path):
     scored = run_eval(confident_model_dir, dataset, tmp_path / "score", limit=3)
     generated = run_eval(confident_model_dir, dataset, tmp_path / "gen", limit=3, mode="generate", max_new_tokens=48)
@@ -201,11 +205,21 @@ def test_baselines_on_a_crafted_set():
     assert ev.majority_button(["b", "a", "a", "b"]) == "a"  # ties break in BUTTONS order
 
 
+def _probabilities(eval_dir: Path) -> list[dict[str, float]]:
+    return [json.loads(x)["probabilities"] for x in (eval_dir / "predictions.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow  # merges
 def test_adapter_folder_and_merged_folder(tiny_model_dir, dataset, tmp_path):
     from pokemon_gemma.export import merge_lora
     from pokemon_gemma.modeling import apply_lora, load_model
 
-    peft_model = apply_lora(load_model(str(tiny_model_dir)), r=4, alpha=8)  # B = 0: same outputs as the base
+    torch.manual_seed(0)
+    peft_model = apply_lora(load_model(str(tiny_model_dir)), r=4, alpha=8)
+    with torch.no_grad():  # lora_B starts at zero (adapter = base); give it weights that change the answers
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.3)
     peft_model.save_pretrained(tmp_path / "adapter")
     merge_lora(str(tiny_model_dir), tmp_path / "adapter", tmp_path / "merged", dtype="fp32", verify=False)
     base = run_eval(tiny_model_dir, dataset, tmp_path / "base", limit=3)
@@ -217,9 +231,14 @@ def test_adapter_folder_and_merged_folder(tiny_model_dir, dataset, tmp_path):
         str(tiny_model_dir),
         str(tmp_path / "adapter"),
     )
-    for b in BUTTONS:
-        assert adapted["mean_probability"][b] == pytest.approx(base["mean_probability"][b], abs=1e-5)
-        assert merged["mean_probability"][b] == pytest.approx(base["mean_probability"][b], abs=1e-5)
+    base_p, adapted_p, merged_p = (_probabilities(tmp_path / d) for d in ("base", "adapted", "merged_eval"))
+    assert len(base_p) == len(adapted_p) == len(merged_p) == 3
+    # the adapter was loaded: it moves every sample's probabilities away from the base's
+    for b_row, a_row in zip(base_p, adapted_p):
+        assert max(abs(a_row[k] - b_row[k]) for k in BUTTONS) > 0.01
+    # and the merged folder answers exactly like base + adapter
+    for a_row, m_row in zip(adapted_p, merged_p):
+        assert m_row == pytest.approx(a_row, abs=1e-5)
 
 
 def cli(*args, timeout=180):
@@ -233,6 +252,7 @@ def cli(*args, timeout=180):
     )
 
 
+@pytest.mark.slow  # subprocesses load the model
 def test_cli_blank_frames_train_majority_and_compare(tiny_model_dir, dataset, tmp_path):
     from pokemon_gemma.collate import Collator
     from pokemon_gemma.modeling import load_for_inference
@@ -283,6 +303,7 @@ def test_cli_blank_frames_train_majority_and_compare(tiny_model_dir, dataset, tm
     assert proc.returncode == 1 and proc.stderr.startswith("error:") and "nowhere" in proc.stderr
 
 
+@pytest.mark.slow  # 3 CLI subprocesses
 def test_cli_missing_dataset_is_a_one_line_error(tmp_path):
     proc = cli("--model_name", "unused", "--dataset_path", tmp_path / "missing.jsonl", "--output_dir", tmp_path / "e")
     assert proc.returncode == 1
@@ -292,6 +313,13 @@ def test_cli_missing_dataset_is_a_one_line_error(tmp_path):
     proc = cli("--model_name", "unused", "--dataset_path", bad, "--output_dir", tmp_path / "e")
     assert proc.returncode == 1 and proc.stderr.strip() == f"error: {bad}:1: frames: expected 4 frames, got 0"
     assert not (tmp_path / "e" / "eval_report.json").exists()
+
+
+def _pixels_of(pixels, colour: str):
+    """(xs, ys) of the pixels of exactly this colour ('#rrggbb')."""
+    rgb = [int(colour[i : i + 2], 16) for i in (1, 3, 5)]
+    ys, xs = np.nonzero((pixels == rgb).all(axis=-1))
+    return xs, ys
 
 
 def test_plot_training_curves(tmp_path):
@@ -310,8 +338,27 @@ def test_plot_training_curves(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     with Image.open(run / "training_curves.png") as im:
-        im.load()
         assert im.format == "PNG" and im.size[0] > 800
+        pixels = np.asarray(im.convert("RGB"))
+    third = pixels.shape[1] / 3
+    # Each series is drawn in its own colour, in its panel, going the way the data goes (image y grows down).
+    for colour, panel, trend in (
+        ("#1f77b4", 0, "down"),  # train loss 2/step
+        ("#ff7f0e", 0, "down"),  # val loss 0.9 -> 0.5
+        ("#55a868", 1, "up"),  # val accuracy 0.4 -> 0.7
+        ("#c44e52", 2, "up"),  # learning rate rising
+    ):
+        xs, ys = _pixels_of(pixels, colour)
+        assert len(xs) > 50, colour
+        assert panel * third <= xs.min() and xs.max() < (panel + 1) * third, colour
+        first, last = ys[xs == xs.min()].mean(), ys[xs == xs.max()].mean()
+        assert (first < last) if trend == "down" else (first > last), colour
+    # Without eval rows there is no val loss or accuracy line.
+    plots.training_curves_png([r for r in rows if "eval/loss" not in r], tmp_path / "no_eval.png")
+    with Image.open(tmp_path / "no_eval.png") as im:
+        no_eval = np.asarray(im.convert("RGB"))
+    assert len(_pixels_of(no_eval, "#1f77b4")[0]) > 50
+    assert len(_pixels_of(no_eval, "#ff7f0e")[0]) == len(_pixels_of(no_eval, "#55a868")[0]) == 0
 
     (run / "metrics.jsonl").write_text(json.dumps(rows[0]) + "\n\n{not json\n")
     proc = subprocess.run(
@@ -324,6 +371,7 @@ def test_plot_training_curves(tmp_path):
     assert proc.returncode == 1 and proc.stderr.startswith(f"error: {run / 'metrics.jsonl'}:3: invalid JSON")
 
 
+@pytest.mark.slow  # trains and exports
 def test_mlx_export_is_detected_and_evaluated(confident_model_dir, dataset, tmp_path):
     pytest.importorskip("mlx.core")
     pytest.importorskip("mlx_vlm")

@@ -58,6 +58,7 @@ def test_secret_from_dotenv_never_in_logs_or_saved_config(tmp_path, capsys, monk
     assert SECRET not in text and json.loads(text)["huggingface_token"] == cfg.MASK
 
 
+@pytest.mark.slow  # builds the model in a subprocess
 def test_tiny_model_loads_through_auto_classes_and_runs_4_images(tmp_path):
     out = tmp_path / "tiny"
     proc = subprocess.run(

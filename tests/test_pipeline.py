@@ -71,6 +71,7 @@ def versions(inputs) -> list:
         return reg.list_versions(NAME)
 
 
+@pytest.mark.slow  # merges, exports, serves
 def test_gate_fail_resume_serve_promote_and_rerun_skips(inputs, tiny_model_dir, tmp_path):
     # 1. Gate below --min_accuracy: merge and evaluate ran, nothing registered, non-zero exit, report written.
     first = pipeline(inputs, "--min_accuracy", "0.99")
@@ -117,9 +118,8 @@ def test_gate_fail_resume_serve_promote_and_rerun_skips(inputs, tiny_model_dir, 
     assert third.returncode == 0, third.stderr + third.stdout
     st = state(inputs)
     assert st["stages"]["merge"]["ended_at"] == merged_at
-    assert all(st["stages"][s]["status"] == "done" for s in st["stages"]), {
-        k: v["status"] for k, v in st["stages"].items()
-    }
+    statuses = {k: v["status"] for k, v in st["stages"].items()}
+    assert statuses == {**{k: "done" for k in statuses}, "play": "skipped"}, statuses
     mlx_acc = json.loads((inputs["out"] / "eval" / "mlx" / "eval_report.json").read_text())["accuracy"]
     assert st["stages"]["evaluate_export"]["outputs"]["accuracy"] == mlx_acc
     assert (inputs["out"] / "mlx" / "export_manifest.json").is_file()
@@ -144,7 +144,7 @@ def test_gate_fail_resume_serve_promote_and_rerun_skips(inputs, tiny_model_dir, 
     assert fourth.stdout.count("done earlier, skipped") == 9
     after = state(inputs)
     assert {k: v["ended_at"] for k, v in after["stages"].items()} == {k: v["ended_at"] for k, v in st["stages"].items()}
-    reused = {k: v["skipped_on_rerun"] for k, v in after["stages"].items()}
+    reused = {k: v["skipped_on_rerun"] for k, v in after["stages"].items() if k != "play"}
     assert reused == {"merge": 3, "evaluate": 3, **{k: 1 for k in list(reused)[2:]}}
     assert len(versions(inputs)) == 2
 

@@ -12,7 +12,7 @@ from pokemon_gemma.convert import convert_corpus
 from pokemon_gemma.dataset import BUTTONS
 from pokemon_gemma.play.env import DemoWorldEnv
 from pokemon_gemma.play.loop import STUCK_RUN, play, play_episode
-from pokemon_gemma.play.policies import ExpertPolicy, MajorityPolicy, Policy, PolicyError, make_policy
+from pokemon_gemma.play.policies import ExpertPolicy, MajorityPolicy, Policy, PolicyError, ScoredPolicy, make_policy
 from pokemon_gemma.play.report import summarize, write_report
 from tests.helpers import write_dataset
 
@@ -160,3 +160,26 @@ def test_report_files(tmp_path):
         assert gif.is_animated and gif.n_frames == results["expert"][0].steps + 1
         assert gif.size == (240, 160 + 18)  # the button is written under the frame
     assert "frames" not in saved["episodes"]["expert"][0]
+
+
+class FixedRanking(ScoredPolicy):
+    """Always the same ranking (`a` first): pressed facing nothing, `a` changes nothing."""
+
+    name = "fixed"
+
+    def probabilities(self, frames, context):
+        return {b: 1.0 / (i + 1) for i, b in enumerate(("a", "up", "left", "right", "down", "b", "start", "select"))}
+
+
+def test_unstick_never_presses_a_button_twice_on_the_same_screen():
+    env = DemoWorldEnv(max_steps=40)
+    stuck = play_episode(env, FixedRanking(unstick=False), seed=2)
+    assert set(stuck.pressed) == {"a"} and stuck.stuck_rate > 0.8  # the top button forever
+    free = play_episode(env, FixedRanking(unstick=True), seed=2, keep_frames=True)
+    seen: dict[bytes, set] = {}
+    for frame, button in zip(free.frames, free.pressed):
+        pressed_here = seen.setdefault(frame.tobytes(), set())
+        assert button not in pressed_here or len(pressed_here) == 8  # a repeat only after all 8 were tried
+        pressed_here.add(button)
+    assert free.pressed[:2] == ["a", "up"]  # `a` changed nothing: the next-ranked button
+    assert free.stuck_rate < stuck.stuck_rate

@@ -29,7 +29,7 @@ def test_model_policy_uses_cached_frame_features_and_scores_like_the_backend(bac
     """The policy's per-frame feature cache gives the backend's own uncached scores; after the first
     press only the one new frame goes through the vision tower."""
     env = DemoWorldEnv(max_steps=6)
-    policy = ModelPolicy(backend)
+    policy = ModelPolicy(backend, unstick=False)
     policy.reset(0)
     obs, info = env.reset(seed=3)
     window = [obs] * 4
@@ -52,7 +52,7 @@ def test_model_policy_uses_cached_frame_features_and_scores_like_the_backend(bac
 
 def test_server_policy_presses_the_same_buttons_as_the_local_model(tiny_model_dir, backend, tmp_path):
     env = DemoWorldEnv(max_steps=15)
-    local = play_episode(env, ModelPolicy(backend), seed=11)
+    local = play_episode(env, ModelPolicy(backend), seed=11)  # unstick on both sides: the same rule
     with ServerProcess(["--model_path", str(tiny_model_dir)], log_path=tmp_path / "server.log") as srv:
         srv.wait_ready()
         remote = play_episode(env, ServerPolicy(srv.url), seed=11, runs_dir=tmp_path / "runs")

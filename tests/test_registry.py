@@ -202,13 +202,16 @@ def test_lineage_metrics_and_masked_training_config_from_a_real_adapter(tmp_path
     assert v["metrics"] == {"accuracy": 0.625, "n": 16, "per_button": {"A": 0.5}}
     assert v["training_config"]["lora_r"] == 2 and v["training_config"]["wandb_api_key"] == "***"
     assert sorted(v["files"]) == ["adapter_config.json", "adapter_model.safetensors"]
-    assert v["tags"] == {"run": "t"} and len(v["git_commit"] or "x" * 40) == 40
+    assert v["tags"] == {"run": "t"}
+    head = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    assert v["git_commit"] == (head.stdout.strip() if head.returncode == 0 else None)  # the commit of this checkout
     assert SECRET not in db.read_bytes().decode("latin-1")
     exported = tmp_path / "export.json"
     assert cli(db, "export", "m", "--version", "1", "--output", str(exported)).returncode == 0
     assert json.loads(exported.read_text())["integrity"]["status"] == "ok"
 
 
+@pytest.mark.slow  # W&B runs its own service process
 def test_wandb_artifact_offline_and_unreachable_server_never_loses_the_version(tmp_path):
     db, ck = tmp_path / "reg.db", make_checkpoint(tmp_path / "ck", 0)
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)}
@@ -231,3 +234,120 @@ def test_wandb_artifact_offline_and_unreachable_server_never_loses_the_version(t
         assert [v.version for v in reg.list_versions("m")] == [1, 2]
         with pytest.raises(RegistryError, match="no version 7"):
             reg.get("m", 7)
+
+
+# --------------------------------------------------------------------------- a damaged registry, a full disk
+
+
+def _real_registry(db, tmp_path):
+    with Registry(db) as reg:
+        for i in range(3):
+            reg.register("m", make_checkpoint(tmp_path / f"real{i}", i), tags={"pad": "x" * 3000})
+    assert db.stat().st_size >= 4 * 4096  # several pages, so that cutting it loses some
+    return db.read_bytes()
+
+
+def _damage(kind, db, tmp_path):
+    """Put a damaged registry of `kind` at `db`."""
+    import random
+    import sqlite3
+
+    rng = random.Random(0)
+    if kind == "garbage":
+        db.write_bytes(rng.randbytes(8192))
+    elif kind == "not_sqlite":
+        db.write_text('{"versions": [{"name": "m", "version": 1}]}\n')
+    elif kind == "zero_filled":
+        db.write_bytes(b"\0" * 8192)
+    elif kind == "directory":
+        db.mkdir()
+    elif kind == "truncated":
+        data = _real_registry(tmp_path / "whole.db", tmp_path)
+        db.write_bytes(data[: len(data) // 2])
+    elif kind == "corrupt_pages":
+        data = bytearray(_real_registry(tmp_path / "whole.db", tmp_path))
+        data[4096:] = rng.randbytes(len(data) - 4096)  # the header page survives, the tables do not
+        db.write_bytes(bytes(data))
+    elif kind == "someone_elses_sqlite":
+        conn = sqlite3.connect(db)
+        conn.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, email TEXT)")
+        conn.execute("INSERT INTO users (email) VALUES ('a@example.com')")
+        conn.commit()
+        conn.close()
+
+
+@pytest.mark.parametrize(
+    "kind, words",
+    [
+        ("garbage", "not a SQLite registry"),
+        ("not_sqlite", "not a SQLite registry"),
+        ("zero_filled", "not a SQLite registry"),
+        ("directory", "is a directory"),
+        ("truncated", "damaged"),
+        ("corrupt_pages", "damaged"),
+        ("someone_elses_sqlite", "not a pokemon-gemma registry (no versions table; tables: users)"),
+    ],
+)
+def test_damaged_registry_file_is_a_one_line_error_and_stays_untouched(tmp_path, kind, words):
+    """list, show and register on a damaged registry: exit 1 with one line naming the file and what is
+    wrong, no sqlite3 traceback, and the file (and its folder) exactly as they were."""
+    folder = tmp_path / "store"
+    folder.mkdir()
+    db = folder / "registry.db"
+    _damage(kind, db, tmp_path)
+    before = {p.name: (p.read_bytes() if p.is_file() else "dir") for p in folder.iterdir()}
+    ck = make_checkpoint(tmp_path / "ck", 9)
+    for args in (["list"], ["show", "m"], ["register", "--name", "m", "--checkpoint", str(ck)]):
+        out = cli(db, *args)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 1 and "Traceback" not in out.stderr, (args, out.stderr)
+        assert len(lines) == 1 and lines[0].startswith(f"error: {db}: ") and words in lines[0], (args, lines)
+        assert "restore it from a backup" in lines[0], lines
+        after = {p.name: (p.read_bytes() if p.is_file() else "dir") for p in folder.iterdir()}
+        assert after == before, f"{args}: the damaged registry or its folder changed"
+
+
+def test_registry_on_a_full_disk_is_a_one_line_error_and_loses_nothing(tmp_path):
+    from tests.helpers import fill_disk, small_tmpfs
+
+    ck1, ck2 = make_checkpoint(tmp_path / "ck1", 1), make_checkpoint(tmp_path / "ck2", 2)
+    with small_tmpfs(tmp_path / "disk", size_kb=512) as disk:
+        db = disk / "registry.db"
+        assert cli(db, "register", "--name", "m", "--checkpoint", str(ck1)).returncode == 0
+        filler = fill_disk(disk, leave_bytes=0)
+        out = cli(db, "register", "--name", "m", "--checkpoint", str(ck2))
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+        assert len(lines) == 1 and lines[0].startswith(f"error: {db}: ") and "full" in lines[0], lines
+        assert "free disk space" in lines[0]
+        filler.unlink()
+        assert [v["version"] for v in json.loads(cli(db, "list", "--json").stdout)] == [1]
+        assert cli(db, "register", "--name", "m", "--checkpoint", str(ck2)).returncode == 0
+
+
+def test_promotion_verifies_the_files_first(tmp_path):
+    """A version whose checkpoint folder was moved away (or whose weights changed) is not promoted to
+    staging or production, nor rolled back to; archiving it is allowed."""
+    db = tmp_path / "reg.db"
+    ck1, ck2 = make_checkpoint(tmp_path / "ck1", 1), make_checkpoint(tmp_path / "ck2", 2)
+    for ck in (ck1, ck2):
+        assert cli(db, "register", "--name", "m", "--checkpoint", str(ck)).returncode == 0
+    ck1.rename(tmp_path / "moved")
+    for stage in ("production", "staging"):
+        out = cli(db, "promote", "m", "--version", "1", "--stage", stage)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 1 and len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+        assert f"m:v1: not moved to {stage}: its files at {ck1} are missing" in lines[0], lines
+    with Registry(db) as reg:
+        assert reg.get("m", 1).stage == "none" and len(reg.get("m", 1).history) == 1
+    (tmp_path / "moved").rename(ck1)
+    assert cli(db, "promote", "m", "--version", "1", "--stage", "production").returncode == 0
+    assert cli(db, "promote", "m", "--version", "2", "--stage", "production").returncode == 0
+    weights = ck1 / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")  # v1's weights change after registration
+    out = cli(db, "rollback", "m")
+    assert out.returncode == 1 and "m:v1: not moved to production: its files at" in out.stderr
+    assert "are modified (model.safetensors)" in out.stderr
+    with Registry(db) as reg:
+        assert reg.production("m").version == 2
+    assert cli(db, "promote", "m", "--version", "1", "--stage", "archived").returncode == 0

@@ -38,6 +38,7 @@ def test_repo_sweep_is_valid_and_every_value_parses_with_the_training_cli():
             assert str(parsed) == str(value) or float(parsed) == float(value)
 
 
+@pytest.mark.slow  # CLI subprocess (imports the training stack)
 def test_validate_cli_passes_on_the_repo_config():
     out = setup_cli("--validate")
     assert out.returncode == 0, out.stderr
@@ -94,6 +95,7 @@ def test_validate_fails_on_planted_mistakes_naming_file_and_line(tmp_path, parse
     assert line_has in bad.read_text().splitlines()[line_no - 1]
 
 
+@pytest.mark.slow  # CLI subprocess (imports the training stack)
 def test_validate_cli_fails_on_unknown_parameter_and_wrong_type(tmp_path):
     bad = plant(
         tmp_path, "  lora_r:\n    values: [8, 16, 32]", "  lora_rank:\n    values: [8]\n  lora_r:\n    values: [8, 1.5]"
@@ -107,6 +109,7 @@ def test_validate_cli_fails_on_unknown_parameter_and_wrong_type(tmp_path):
     assert "2 problem(s)" in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.slow  # 2 CLI subprocesses
 def test_create_sweep_without_key_is_one_clear_line_and_dry_run_needs_none():
     out = setup_cli("--create-sweep")
     assert out.returncode == 2

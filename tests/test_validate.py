@@ -95,6 +95,14 @@ def _corrupt_frame(train, val):
     return ["frame does not decode", rows[8]["frames"][0], f"{train}:9"]
 
 
+def _decompression_bomb(train, val):
+    from tests.helpers import bomb_png
+
+    rows = [json.loads(line) for line in train.read_text().splitlines()]
+    bomb_png(train.parent / rows[5]["frames"][1])  # 109 KB declaring 30000x30000: never decoded
+    return ["frame too large", rows[5]["frames"][1], "30000x30000", f"{train}:6"]
+
+
 def _three_frames(train, val):
     edit_lines(train, lambda rows: [{**r, "frames": r["frames"][:3]} if i == 1 else r for i, r in enumerate(rows)])
     return [f"{train}:2: frames: expected 4 frames, got 3"]
@@ -142,6 +150,7 @@ def _bad_json(train, val):
     [
         _missing_frame,
         _corrupt_frame,
+        _decompression_bomb,
         _three_frames,
         _invalid_button,
         _over_long,

@@ -6,6 +6,10 @@ verification) talk to a `Backend` and never to torch, MLX or llama.cpp directly.
     backend.generate_batch([(frames, context, question), ...], max_new_tokens) -> [str]
     backend.encode_frames(images) -> [per-frame features]   # when supports_features (server cache)
     backend.fit_context(context, question) -> str           # shortened to fit the context window
+    backend.generate_details(frames, context, question, max_new_tokens) -> Generation  # + tokens, finish
+    backend.prompt_tokens(context, question) -> int          # the prompt's tokens, image tokens included
+    backend.count_tokens(text) -> int
+    backend.frame_input() -> ((width, height), resample) | None   # what the image processor resizes to
 
 `frames` are the 4 decoded PIL frames, oldest first. `load_backend` picks the backend from the
 folder (an MLX export gets MLX, a GGUF export llama.cpp, anything else torch) and resolves an
@@ -23,7 +27,7 @@ from PIL import Image
 from ..artifacts import ArtifactError, is_gguf_export, is_mlx_export, resolve_model
 from ..artifacts import frame_layout as recorded_frame_layout
 from ..errors import first_line
-from ..scoring import ButtonScores
+from ..scoring import ButtonScores, Generation
 
 BACKENDS = ("auto", "torch", "mlx", "gguf")
 
@@ -54,6 +58,16 @@ class Backend(Protocol):
     def generate_batch(
         self, items: list[tuple[list[Image.Image], str, str]], max_new_tokens: int = 96
     ) -> list[str]: ...
+
+    def generate_details(
+        self, frames: list[Image.Image], context: str, question: str, max_new_tokens: int = 96
+    ) -> Generation: ...
+
+    def prompt_tokens(self, context: str, question: str) -> int: ...
+
+    def count_tokens(self, text: str) -> int: ...
+
+    def frame_input(self) -> tuple[tuple[int, int], int] | None: ...
 
 
 def model_version(model_path: str, adapter_path: str | None = None) -> str:
@@ -183,3 +197,23 @@ class ScorerBackend:
 
     def generate_batch(self, items, max_new_tokens: int = 96) -> list[str]:
         return self.scorer.generate_batch(items, max_new_tokens=max_new_tokens)
+
+    def generate_details(self, frames, context, question, max_new_tokens: int = 96) -> Generation:
+        return self.scorer.generate_batch_details([(frames, context, question)], max_new_tokens=max_new_tokens)[0]
+
+    def prompt_tokens(self, context: str, question: str) -> int:
+        return len(self.collator.expanded_ids(self.collator.prompt_text(context, question)))
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.collator.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def frame_input(self) -> tuple[tuple[int, int], int] | None:
+        """((width, height), resample) the image processor resizes every image to; None when it keeps
+        sizes or crops (pan and scan). With separate frames a larger frame resized to it first gives the
+        very same pixels; with the 2x2 grid (whose tiles end up half that size) it is a close bound."""
+        proc = self.collator.processor.image_processor
+        size = getattr(proc, "size", None)
+        height, width = getattr(size, "height", None), getattr(size, "width", None)
+        if not getattr(proc, "do_resize", True) or getattr(proc, "do_pan_and_scan", False) or not height or not width:
+            return None
+        return (int(width), int(height)), int(getattr(proc, "resample", Image.Resampling.BILINEAR))

@@ -23,7 +23,7 @@ from PIL import Image
 
 from ..collate import Collator
 from ..dataset import BUTTONS
-from ..scoring import ButtonScorer, ButtonScores, _common_prefix_length, answer_prefix
+from ..scoring import ButtonScorer, ButtonScores, Generation, _common_prefix_length, answer_prefix, answer_start
 from . import ScorerBackend, model_version
 
 MLX_DTYPES = ("float32", "bfloat16", "float16")
@@ -180,6 +180,7 @@ class MlxButtonScorer(ButtonScorer):
         prompt = self.collator.prompt_text(context, question)
         full = [self.collator.expanded_ids(prompt + answer_prefix(b)) for b in BUTTONS]
         shared = _common_prefix_length(full)
+        start = answer_start(self.collator, prompt, full, shared)
         prefix = mx.array([full[0][:shared]])
         self.collator._check("scoring prompt", _as_torch(full[0][:shared]), len(images))
         if features is None:
@@ -187,10 +188,11 @@ class MlxButtonScorer(ButtonScorer):
         cache = self.model.language_model.make_cache()
         embeds = self._embed(prefix, features)
         out = self.model.language_model(prefix, inputs_embeds=embeds, cache=cache).logits
-        first = out[0, -1].astype(mx.float32)
-        first_logprobs = np.array(first - mx.logsumexp(first))
+        kept = out[0, start - 1 :].astype(mx.float32)  # the answers' shared opening and the first distinct token
+        prefix_logprobs = np.array(kept - mx.logsumexp(kept, axis=-1, keepdims=True))
+        opening = sum(float(prefix_logprobs[j, token]) for j, token in enumerate(full[0][start:shared]))
         tails = [ids[shared:] for ids in full]
-        scores = {b: float(first_logprobs[t[0]]) for b, t in zip(BUTTONS, tails)}
+        scores = {b: opening + float(prefix_logprobs[-1, t[0]]) for b, t in zip(BUTTONS, tails)}
         width = max(len(t) for t in tails) - 1
         if width > 0:
             # Right padding is harmless: with causal attention no scored token sees a pad.
@@ -208,6 +210,12 @@ class MlxButtonScorer(ButtonScorer):
         self, frames: list[Image.Image], context: str, question: str, max_new_tokens: int = 96
     ) -> list[int]:
         """Greedy answer token ids, stopping at `<eos>`/`<end_of_turn>` (not included)."""
+        return self._generate(frames, context, question, max_new_tokens)[0]
+
+    def _generate(
+        self, frames: list[Image.Image], context: str, question: str, max_new_tokens: int
+    ) -> tuple[list[int], bool]:
+        """(answer ids without the stop token, whether a stop token ended it)."""
         import mlx.core as mx
         from mlx_vlm.generate.ar import generate_step
 
@@ -223,9 +231,9 @@ class MlxButtonScorer(ButtonScorer):
         ):
             token = int(token)
             if token in stop:
-                break
+                return out, True
             out.append(token)
-        return out
+        return out, False
 
     def generate(self, frames: list[Image.Image], context: str, question: str, max_new_tokens: int = 96) -> str:
         """Greedy answer text (the model's JSON, unparsed), like `ButtonScorer.generate`."""
@@ -235,6 +243,16 @@ class MlxButtonScorer(ButtonScorer):
     def generate_batch(self, items: list[tuple[list[Image.Image], str, str]], max_new_tokens: int = 96) -> list[str]:
         """One greedy answer per (frames, context, question), generated one after another."""
         return [self.generate(frames, context, question, max_new_tokens) for frames, context, question in items]
+
+    def generate_batch_details(
+        self, items: list[tuple[list[Image.Image], str, str]], max_new_tokens: int = 96
+    ) -> list[Generation]:
+        out = []
+        for frames, context, question in items:
+            ids, stopped = self._generate(frames, context, question, max_new_tokens)
+            text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+            out.append(Generation(text, len(ids) + stopped, "stop" if stopped else "length"))
+        return out
 
 
 def _as_torch(ids):

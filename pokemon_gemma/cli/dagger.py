@@ -43,6 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no_bc", dest="compare_bc", action="store_false", help="skip the equal-budget behaviour-cloning chain"
     )
+    p.add_argument(
+        "--unstick",
+        action="store_true",
+        help="play (data and evaluation) with the unstick rule of scripts/play.py; default: the model's own "
+        "top button every press (its mistakes, loops included, are what DAgger learns from); the other "
+        "setting is evaluated too",
+    )
     p.add_argument("--max_eval_samples", type=int, default=0, help="offline evaluation on the first N test samples")
     p.add_argument("--learning_rate", type=float, default=None, help="default: the round-0 run's")
     p.add_argument("--batch_size", type=int, default=None, help="default: the round-0 run's")
@@ -75,6 +82,7 @@ def main(argv=None) -> int:
         labeler=args.labeler,
         mix=args.mix,
         compare_bc=args.compare_bc,
+        unstick=args.unstick,
         max_eval_samples=args.max_eval_samples,
         train_overrides=overrides,
     )

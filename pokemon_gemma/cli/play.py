@@ -68,6 +68,14 @@ def build_parser(settings) -> argparse.ArgumentParser:
     )
     add_settings_args(parser, settings, ["mixed_precision"])
     parser.add_argument("--world_size", type=int, default=12, help="demo world size in tiles (the demo data's: 12)")
+    parser.add_argument(
+        "--unstick",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="model/server policies: a button already pressed on this exact screen earlier in the episode (it "
+        "changed nothing, or led round in a cycle) is not pressed there again; the next-best is "
+        "(--no-unstick: always the top button; default: on)",
+    )
     parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     return parser
 
@@ -110,6 +118,7 @@ def main(argv=None) -> int:
         frame_layout=args.frame_layout,
         default_frame_layout=settings.frame_layout,
         world_size=args.world_size,
+        unstick=args.unstick,
         token=settings.hub_token,
     )
     try:

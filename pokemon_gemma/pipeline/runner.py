@@ -199,6 +199,9 @@ def run_stage(
         return False
     reason = "skipped with --skip_stages" if stage.name in ctx.cfg.skip_stages else stage.skip(ctx)
     if reason:
+        if entry.get("status") == "skipped" and entry.get("reason") == reason:
+            echo(f"{prefix}: skipped ({reason})")  # same reason as last run: keep its record
+            return False
         ctx.state["stages"][stage.name] = {
             "status": "skipped",
             "reason": reason,

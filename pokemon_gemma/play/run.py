@@ -44,6 +44,7 @@ class PlayConfig:
     world_size: int = 12
     dialogue_rate: float = 0.0
     question_rate: float = 0.7
+    unstick: bool = True  # model/server policies: a button already pressed on a screen is not pressed there again
     token: str | None = field(default=None, repr=False)
 
 
@@ -91,11 +92,12 @@ def build_policy(name: str, cfg: PlayConfig) -> Policy:
             default_frame_layout=cfg.default_frame_layout,
             precision=cfg.precision,
             token=cfg.token,
+            unstick=cfg.unstick,
         )
     if name == "server":
         if not cfg.server_url:
             raise PlayError("the server policy needs --server_url (our inference server)", code=2)
-        return make_policy("server", server_url=cfg.server_url, api_key=cfg.api_key)
+        return make_policy("server", server_url=cfg.server_url, api_key=cfg.api_key, unstick=cfg.unstick)
     if name == "majority":
         if not cfg.train_dataset_path:
             raise PlayError("the majority policy needs --train_dataset_path (the converter's train.jsonl)", code=2)

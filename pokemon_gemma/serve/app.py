@@ -1,30 +1,48 @@
 """The FastAPI app: /v1/predict, /v1/chat/completions, /health, /ready, /metrics.
 
-Model calls run on one worker thread (see worker.py); the event loop only parses, validates and
-waits. Every client mistake is a 4xx with a one-line reason in `{"error": {"message", "type", "code"}}`.
+The event loop only reads bodies and waits: JSON parsing and frame decoding run on a small pool of
+decoding threads (bounded, so decoded pixels in flight are bounded too), model calls on one worker
+thread (see worker.py). Every client mistake is a 4xx with OpenAI's error object
+`{"error": {"message", "type", "param", "code"}}`; invalid requests get 400, as OpenAI answers them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
+import math
 import time
 import uuid
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..backends import Backend
 from ..backends.frame_cache import FrameCache
-from ..dataset import QUESTION, make_output
+from ..dataset import BUTTONS, QUESTION, make_output
 from ..scoring import ButtonScores, parse_generated
-from .metrics import ServerMetrics
-from .validation import Frame, InferenceRequest, RequestError, parse_chat, parse_json, parse_predict
+from .metrics import CLIENT_CLOSED, ServerMetrics
+from .validation import (
+    MAX_FRAME_PIXELS,
+    MAX_REQUEST_PIXELS,
+    Frame,
+    FrameLimits,
+    InferenceRequest,
+    RequestError,
+    invalid,
+    parse_chat,
+    parse_json,
+    parse_predict,
+)
 from .worker import InferenceWorker, Result
 
 log = logging.getLogger(__name__)
@@ -40,14 +58,38 @@ class ServerConfig:
     frame_cache_size: int = 128
     max_batch: int = 8
     batch_wait_ms: float = 2.0
-    max_queue: int = 64  # model requests waiting or running; more get 503 (back-pressure, bounded memory)
+    max_queue: int = 64  # model requests decoding, waiting or running; more get 503 (bounded memory)
     request_timeout_s: float = 600.0  # a model call that takes longer answers 504
+    max_frame_pixels: int = MAX_FRAME_PIXELS  # declared pixels of one frame; more: 413 from the header
+    max_request_pixels: int = MAX_REQUEST_PIXELS  # the 4 frames together
+    decode_workers: int = 2  # threads parsing and decoding requests (each holds one decoded frame at a time)
     warmup: bool = True
 
 
-def error_response(status: int, message: str, headers: dict | None = None) -> JSONResponse:
-    kind = "authentication_error" if status == 401 else "invalid_request_error" if status < 500 else "server_error"
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status, headers=headers)
+# OpenAI's error `type` and a default `code` per status.
+_ERRORS = {
+    400: ("invalid_request_error", "invalid_value"),
+    401: ("authentication_error", "invalid_api_key"),
+    404: ("invalid_request_error", "not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
+    413: ("invalid_request_error", "request_too_large"),
+    CLIENT_CLOSED: ("invalid_request_error", "client_closed_request"),
+    500: ("server_error", "internal_error"),
+    503: ("server_error", "server_busy"),
+    504: ("server_error", "timeout"),
+}
+
+
+def error_response(
+    status: int, message: str, param: str | None = None, code: str | None = None, headers: dict | None = None
+) -> JSONResponse:
+    kind, default_code = _ERRORS.get(status, ("invalid_request_error" if status < 500 else "server_error", None))
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code or default_code}}
+    return JSONResponse(body, status, headers=headers)
+
+
+def _headers_for(status: int) -> dict | None:
+    return {"WWW-Authenticate": "Bearer"} if status == 401 else {"Retry-After": "1"} if status == 503 else None
 
 
 class _MetricsMiddleware:
@@ -84,12 +126,82 @@ class _MetricsMiddleware:
             record()
 
 
+class _CatchAll:
+    """The last line for a bug: an unexpected exception is a 500 with the error object and one log line,
+    and is not re-raised, so uvicorn keeps the connection (a re-raised error makes it close it, and the
+    client's next request on that connection fails)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            log.error("internal error on %s: %s: %s", scope.get("path"), type(exc).__name__, str(exc)[:300])
+            if not started:
+                response = error_response(500, f"internal error ({type(exc).__name__})")
+                await response(scope, receive, send)
+
+
+class _Authenticate:
+    """With an API key: /v1/* and /metrics need `Authorization: Bearer <key>` (constant-time compare)."""
+
+    def __init__(self, app, api_key: str):
+        self.app = app
+        self.key = api_key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] in PROTECTED:
+            header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            scheme, _, token = header.partition(" ")
+            problem = None
+            if scheme.lower() != "bearer" or not token:
+                problem = "missing API key (send Authorization: Bearer <key>)"
+            elif not hmac.compare_digest(token.strip().encode("latin-1"), self.key):
+                problem = "invalid API key"
+            if problem:
+                return await error_response(401, problem, headers=_headers_for(401))(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+def _button_logprobs(logprobs: dict[str, float]) -> dict[str, float]:
+    """Log-probabilities over the 8 answers (the log of `ButtonScores.probabilities`)."""
+    top = max(logprobs.values())
+    norm = top + math.log(sum(math.exp(v - top) for v in logprobs.values()))
+    return {b: logprobs[b] - norm for b in BUTTONS}
+
+
+def _logprob_entry(token: str, logprob: float) -> dict:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+
 def create_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
     config = config or ServerConfig()
     metrics = ServerMetrics(backend.name, backend.model_version)
     cache = FrameCache(config.frame_cache_size if backend.supports_features else 0)
     worker = InferenceWorker(backend, metrics, cache, config.max_batch, config.batch_wait_ms / 1000)
     state = {"ready": False, "pending": 0}
+    frame_input = backend.frame_input() if hasattr(backend, "frame_input") else None
+    limits = FrameLimits(
+        max_frame_pixels=config.max_frame_pixels,
+        max_request_pixels=config.max_request_pixels,
+        target_size=frame_input[0] if frame_input else None,
+        resample=frame_input[1] if frame_input else Image.Resampling.BILINEAR,
+    )
+    # Our own pixel limits are far below PIL's: its warning about large images is noise here.
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    decoder = ThreadPoolExecutor(max(1, config.decode_workers), thread_name_prefix="decode")
 
     async def warm_up():
         blank = Image.new("RGB", (64, 64))
@@ -115,6 +227,7 @@ def create_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
         if task is not None:
             await task
         await asyncio.to_thread(worker.stop)
+        decoder.shutdown(wait=True)
         log.info("model worker stopped")
 
     app = FastAPI(
@@ -124,67 +237,56 @@ def create_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
 
     @app.exception_handler(RequestError)
     async def bad_request(request: Request, exc: RequestError):
-        headers = (
-            {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {"Retry-After": "1"} if exc.status == 503 else None
-        )
-        return error_response(exc.status, exc.message, headers)
+        return error_response(exc.status, exc.message, exc.param, exc.code, _headers_for(exc.status))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         return error_response(exc.status_code, str(exc.detail))
 
-    @app.exception_handler(Exception)
-    async def server_error(request: Request, exc: Exception):
-        log.error("internal error on %s: %s: %s", request.url.path, type(exc).__name__, exc)
-        return error_response(500, f"internal error ({type(exc).__name__})")
-
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next):
-        if config.api_key and request.url.path in PROTECTED:
-            scheme, _, token = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not token:
-                return error_response(
-                    401, "missing API key (send Authorization: Bearer <key>)", {"WWW-Authenticate": "Bearer"}
-                )
-            if not hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
-                return error_response(401, "invalid API key", {"WWW-Authenticate": "Bearer"})
-        return await call_next(request)
-
-    async def read_json(request: Request) -> dict:
+    async def read_body(request: Request) -> bytes:
         declared = request.headers.get("content-length")
         if declared is not None:
             if not declared.isdigit():
-                raise RequestError(400, "invalid Content-Length header")
+                raise invalid("invalid Content-Length header")
             if int(declared) > config.max_body_bytes:
                 raise RequestError(413, f"body of {int(declared)} bytes exceeds the {config.max_body_bytes}-byte limit")
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > config.max_body_bytes:
-                raise RequestError(413, f"body exceeds the {config.max_body_bytes}-byte limit")
-        return parse_json(bytes(body))
+        try:
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > config.max_body_bytes:
+                    raise RequestError(413, f"body exceeds the {config.max_body_bytes}-byte limit")
+        except ClientDisconnect:
+            # The client hung up mid-upload: its mistake (or its network's), not a server error.
+            raise RequestError(CLIENT_CLOSED, "the client closed the connection before the body arrived") from None
+        return bytes(body)
 
-    async def infer(req: InferenceRequest) -> Result:
+    async def run_model(request: Request, parse) -> tuple[InferenceRequest, Result]:
+        """Read the body, take a queue slot, parse and decode on a decoding thread, run the model."""
+        body = await read_body(request)
         if not state["ready"]:
-            raise RequestError(503, "model is not ready yet (poll /ready)")
+            raise RequestError(503, "model is not ready yet (poll /ready)", code="model_not_ready")
         if state["pending"] >= config.max_queue:
             raise RequestError(503, f"server busy: {state['pending']} requests queued (retry shortly)")
-        state["pending"] += 1
+        state["pending"] += 1  # held while decoding too: decoded frames in memory stay bounded by the queue
         metrics.queue.set(state["pending"])
         try:
+            loop = asyncio.get_running_loop()
+            req = await loop.run_in_executor(decoder, lambda: parse(parse_json(body), limits))
             # shield: a timed-out request's job still runs to completion on the worker
-            return await asyncio.wait_for(asyncio.shield(worker.submit(req)), config.request_timeout_s)
+            result = await asyncio.wait_for(asyncio.shield(worker.submit(req)), config.request_timeout_s)
         except TimeoutError:
             raise RequestError(504, f"model call took longer than {config.request_timeout_s:.0f} s") from None
         finally:
             state["pending"] -= 1
             metrics.queue.set(state["pending"])
+        metrics.count_tokens(result.prompt_tokens, result.completion_tokens)
+        return req, result
 
     @app.post("/v1/predict")
     async def predict(request: Request):
         start = time.perf_counter()
-        req = parse_predict(await read_json(request))
-        result = await infer(req)
+        req, result = await run_model(request, parse_predict)
         body = {
             "button": None,
             "probabilities": None,
@@ -209,25 +311,51 @@ def create_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         start = time.perf_counter()
-        req = parse_chat(await read_json(request))
-        result = await infer(req)
-        extra = {}
+        req, result = await run_model(request, parse_chat)
+        extra: dict = {}
+        logprobs = None
         if result.mode == "score":
             probs = ButtonScores(result.logprobs).probabilities
             button = max(probs, key=probs.get)
             content = make_output(button)
             extra = {"button": button, "probabilities": probs}
+            if req.logprobs:
+                lps = _button_logprobs(result.logprobs)
+                ranked = sorted(BUTTONS, key=lambda b: -lps[b])[: 8 if req.top_logprobs is None else req.top_logprobs]
+                top = [_logprob_entry(b, lps[b]) for b in ranked]
+                logprobs = {"content": [{**_logprob_entry(button, lps[button]), "top_logprobs": top}], "refusal": None}
         else:
             content = result.text
             parsed, _ = parse_generated(content)
             extra = {"button": parsed["button"] if parsed else None}
-        return {
+        usage = {
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens,
+        }
+        head = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
-            "object": "chat.completion",
             "created": int(time.time()),
             "model": backend.model_version,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+            "system_fingerprint": None,
+        }
+        if req.stream:
+            return StreamingResponse(
+                _chunks(head, content, logprobs, result.finish_reason, usage if req.stream_usage else None),
+                media_type="text/event-stream",
+            )
+        return {
+            **head,
+            "object": "chat.completion",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": content, "refusal": None},
+                    "logprobs": logprobs,
+                    "finish_reason": result.finish_reason,
+                }
+            ],
+            "usage": usage,
             **extra,
             "latency_ms": round((time.perf_counter() - start) * 1000, 3),
         }
@@ -252,8 +380,31 @@ def create_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
     async def prometheus():
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    # Outermost last: metrics see every response, auth runs before any route, the catch-all is innermost.
+    app.add_middleware(_CatchAll)
+    if config.api_key:
+        app.add_middleware(_Authenticate, api_key=config.api_key)
     app.add_middleware(_MetricsMiddleware, metrics=metrics)
     return app
+
+
+def _chunks(head: dict, content: str, logprobs: dict | None, finish_reason: str, usage: dict | None):
+    """The answer as OpenAI's server-sent events: role, content, finish reason, (with
+    stream_options.include_usage) the usage, then [DONE]. The model call is already complete, so the
+    content comes in one chunk."""
+
+    def event(choices: list, **more) -> str:
+        body = {**head, "object": "chat.completion.chunk", "choices": choices, **more}
+        if usage is not None:
+            body.setdefault("usage", None)  # OpenAI: null on every chunk but the last
+        return "data: " + json.dumps(body) + "\n\n"
+
+    yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
+    yield event([{"index": 0, "delta": {"content": content}, "logprobs": logprobs, "finish_reason": None}])
+    yield event([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish_reason}])
+    if usage is not None:
+        yield event([], usage=usage)
+    yield "data: [DONE]\n\n"
 
 
 __all__ = ["ServerConfig", "create_app", "error_response"]

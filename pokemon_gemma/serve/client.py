@@ -35,6 +35,16 @@ def synthetic_frame(index: int, size: tuple[int, int] = FRAME_SIZE) -> Image.Ima
     return image
 
 
+def palette_png(width: int, height: int) -> str:
+    """A base64 PNG of a uniform 1-colour palette image: a few kilobytes that declare (and decode to)
+    width x height pixels, the shape of a decompression bomb (benchmarks and tests of the limits)."""
+    image = Image.new("P", (width, height))
+    image.putpalette([0, 0, 0, 255, 255, 255])
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", optimize=True)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
 def synthetic_stream(n_frames: int, start: int = 0) -> list[str]:
     """`n_frames` base64 PNG frames of one session; window i is frames[i:i+4]."""
     return [encode_image(synthetic_frame(start + i)) for i in range(n_frames)]

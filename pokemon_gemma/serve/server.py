@@ -12,6 +12,7 @@ import sys
 from ..backends import BACKENDS, BackendError, choose_backend, load_backend  # no torch import here
 from ..config import SecretFilter, add_settings_args, load_settings_or_exit, settings_from_args, setup_logging
 from .client import read_api_key
+from .validation import MAX_FRAME_PIXELS, MAX_REQUEST_PIXELS
 
 GRACEFUL_SHUTDOWN_S = 30
 
@@ -59,6 +60,25 @@ def build_parser(settings, default_backend: str, description: str) -> argparse.A
         "--request_timeout_s", type=float, default=600.0, help="a model call slower than this answers 504"
     )
     parser.add_argument(
+        "--max_frame_pixels",
+        type=int,
+        default=MAX_FRAME_PIXELS,
+        help=f"most pixels one frame may declare; more: 413 before decoding (default {MAX_FRAME_PIXELS} = 4096x4096)",
+    )
+    parser.add_argument(
+        "--max_request_pixels",
+        type=int,
+        default=MAX_REQUEST_PIXELS,
+        help=f"most pixels the 4 frames of a request may declare together (default {MAX_REQUEST_PIXELS}: "
+        "four 2048x2048 frames)",
+    )
+    parser.add_argument(
+        "--decode_workers",
+        type=int,
+        default=2,
+        help="threads that parse and decode requests off the event loop (each decodes one frame at a time)",
+    )
+    parser.add_argument(
         "--model_version",
         default=None,
         help="version string reported by the API and /metrics (default: folder name + config hash)",
@@ -103,10 +123,13 @@ def main(argv=None, default_backend: str = "auto", description: str = TORCH_DESC
         or args.frame_cache_size < 0
         or args.max_queue < 1
         or args.request_timeout_s <= 0
+        or args.max_frame_pixels < 1
+        or args.max_request_pixels < 1
+        or args.decode_workers < 1
     ):
         print(
-            "error: --max_body_mb and --request_timeout_s must be > 0, --max_batch and --max_queue >= 1, "
-            "--frame_cache_size >= 0",
+            "error: --max_body_mb and --request_timeout_s must be > 0, --max_batch, --max_queue, --max_frame_pixels, "
+            "--max_request_pixels and --decode_workers >= 1, --frame_cache_size >= 0",
             file=sys.stderr,
         )
         return 2
@@ -158,6 +181,9 @@ def main(argv=None, default_backend: str = "auto", description: str = TORCH_DESC
         batch_wait_ms=args.batch_wait_ms,
         max_queue=args.max_queue,
         request_timeout_s=args.request_timeout_s,
+        max_frame_pixels=args.max_frame_pixels,
+        max_request_pixels=args.max_request_pixels,
+        decode_workers=args.decode_workers,
         warmup=not args.no_warmup,
     )
     app = create_app(backend, config)

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..backends import Backend
 from ..backends.frame_cache import FrameCache
+from ..dataset import make_output
 from .metrics import ServerMetrics
 from .validation import InferenceRequest, RequestError
 
@@ -28,6 +29,9 @@ class Result:
     text: str | None = None
     cache_hits: int = 0
     frames_encoded: int = 0
+    prompt_tokens: int = 0  # usage, as the OpenAI API reports it
+    completion_tokens: int = 0
+    finish_reason: str = "stop"
 
 
 @dataclass
@@ -105,7 +109,7 @@ class InferenceWorker:
             try:
                 self._finish(job, self._run_job(job))
             except ValueError as exc:  # e.g. collate.SampleError: prompt too long even without context
-                self._finish(job, RequestError(422, str(exc)))
+                self._finish(job, RequestError(400, str(exc)))
             except Exception as exc:
                 log.exception("model call failed")
                 self._finish(job, exc)
@@ -157,13 +161,23 @@ class InferenceWorker:
         self.metrics.predictions.labels(req.mode).inc()
         if req.mode == "generate":
             self.metrics.frames_encoded.inc(len(images))
-            text = self.backend.generate(images, context, req.question, req.max_new_tokens)
-            return Result("generate", text=text, frames_encoded=len(images))
+            gen = self.backend.generate_details(images, context, req.question, req.max_new_tokens)
+            return Result(
+                "generate",
+                text=gen.text,
+                frames_encoded=len(images),
+                prompt_tokens=self.backend.prompt_tokens(context, req.question),
+                completion_tokens=gen.completion_tokens,
+                finish_reason=gen.finish_reason,
+            )
         result = job.result or Result("score")
         if job.features is None:  # backend without separable vision features
             self.metrics.frames_encoded.inc(len(images))
             result.frames_encoded = len(images)
-        result.logprobs = self.backend.score(images, context, req.question, features=job.features).logprobs
+        scores = self.backend.score(images, context, req.question, features=job.features)
+        result.logprobs = scores.logprobs
+        result.prompt_tokens = self.backend.prompt_tokens(context, req.question)
+        result.completion_tokens = self.backend.count_tokens(make_output(scores.button))  # the answer sent back
         return result
 
     @staticmethod
