@@ -133,6 +133,7 @@ def gguf_q8(merged_dir) -> Path:
     return out
 
 
+@pytest.mark.slow  # merges, exports with llama.cpp's converter, scores with llama.cpp
 def test_tiny_and_merged_folders_use_the_hub_names(base_dir, adapter_dir, merged_dir, tmp_path):
     for folder in (base_dir, merged_dir):
         keys = _keys(folder)
@@ -172,6 +173,7 @@ def _field(reader, key):
     return bytes(value).decode() if value.dtype == np.uint8 else value.tolist()[0]
 
 
+@pytest.mark.slow  # merges, exports with llama.cpp's converter, scores with llama.cpp
 def test_f32_export_matches_pytorch(gguf_f32, merged_dir):
     manifest = json.loads((gguf_f32 / artifacts.GGUF_MANIFEST).read_text())
     assert manifest["fixes_applied"] == [] and not manifest["source_had_flat_weight_names"]
@@ -218,6 +220,7 @@ def test_f32_export_matches_pytorch(gguf_f32, merged_dir):
         scorer.close()
 
 
+@pytest.mark.slow  # merges, exports with llama.cpp's converter, scores with llama.cpp
 def test_q8_export_agrees_and_every_stage_takes_it(gguf_q8, gguf_f32, merged_dir, tmp_path):
     manifest = json.loads((gguf_q8 / artifacts.GGUF_MANIFEST).read_text())
     bt = manifest["verification"]["buttons"]
@@ -261,6 +264,7 @@ def test_q8_export_agrees_and_every_stage_takes_it(gguf_q8, gguf_f32, merged_dir
     assert preds["gguf"] == preds["torch"]
 
 
+@pytest.mark.slow  # merges, exports with llama.cpp's converter, scores with llama.cpp
 def test_gguf_server(gguf_q8, tmp_path):
     """scripts/inference_server.py on a GGUF folder: llama.cpp chosen by the folder, frame cache on."""
     import math
@@ -290,6 +294,7 @@ def test_gguf_server(gguf_q8, tmp_path):
     assert "Traceback" not in srv.log()
 
 
+@pytest.mark.slow  # merges, exports with llama.cpp's converter, scores with llama.cpp
 def test_flat_folder_gets_hub_names_in_the_staging_copy(merged_dir, tmp_path):
     flat = _flat_copy(merged_dir, tmp_path / "flat")
     before = {p.name: fileio.file_sha256(p) for p in flat.iterdir() if p.is_file()}
@@ -301,6 +306,7 @@ def test_flat_folder_gets_hub_names_in_the_staging_copy(merged_dir, tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").glob("*.gguf")) == ["mmproj-f16.gguf", "model-f16.gguf"]
 
 
+@pytest.mark.slow  # merges, exports with llama.cpp's converter, scores with llama.cpp
 def test_refused_export_names_the_figure_and_the_remedy(merged_dir, tmp_path, monkeypatch, capsys):
     # A bar no export can reach: the refusal path end to end (real conversion and scoring).
     monkeypatch.setattr(gguf, "MIN_BUTTON_AGREEMENT", 1.01)
@@ -313,6 +319,7 @@ def test_refused_export_names_the_figure_and_the_remedy(merged_dir, tmp_path, mo
     assert f"{tmp_path / 'out' / artifacts.GGUF_MANIFEST}" in err
 
 
+@pytest.mark.slow  # merges, exports with llama.cpp's converter, scores with llama.cpp
 def test_errors_are_one_line(merged_dir, adapter_dir, gguf_f32, tmp_path, capsys):
     rc, _ = _export(merged_dir, gguf_f32, "f32")
     err = _error(capsys.readouterr())

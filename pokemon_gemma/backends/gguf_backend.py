@@ -33,7 +33,7 @@ from PIL import Image
 from ..artifacts import GGUF_MANIFEST, read_json
 from ..collate import Collator
 from ..dataset import BUTTONS
-from ..scoring import ButtonScores, _common_prefix_length, answer_prefix
+from ..scoring import ButtonScores, Generation, _common_prefix_length, answer_prefix, answer_start
 from . import BackendError, ScorerBackend, model_version
 
 KV_TYPES = ("f16", "f32")
@@ -197,14 +197,14 @@ class GgufModel:
             )
 
     # --- text
-    def decode_tokens(self, ids: list[int], logits: str = "last") -> np.ndarray | None:
-        """Decode `ids` at the current position. logits: "all" -> (len(ids), vocab), "last" ->
-        (1, vocab), "none" -> None (float32 copies)."""
+    def decode_tokens(self, ids: list[int], keep: int = 1) -> np.ndarray | None:
+        """Decode `ids` at the current position; the logits of the last `keep` of them (keep, vocab)
+        as float32 copies, or None when keep is 0."""
         self._room(len(ids))
         rows = []
+        first_kept = len(ids) - keep
         for start in range(0, len(ids), self.n_batch):
             chunk = ids[start : start + self.n_batch]
-            last_chunk = start + self.n_batch >= len(ids)
             b = self._batch
             b.n_tokens = len(chunk)
             for i, token in enumerate(chunk):
@@ -212,14 +212,11 @@ class GgufModel:
                 b.pos[i] = self.n_past + i
                 b.n_seq_id[i] = 1
                 b.seq_id[i][0] = 0
-                b.logits[i] = logits == "all" or (logits == "last" and last_chunk and i == len(chunk) - 1)
+                b.logits[i] = start + i >= first_kept
             rc = self.lc.llama_decode(self.llama.ctx, b)
             if rc != 0:
                 raise RuntimeError(f"llama_decode returned {rc}")
-            wanted = (
-                range(len(chunk)) if logits == "all" else ([len(chunk) - 1] if logits == "last" and last_chunk else [])
-            )
-            for i in wanted:
+            for i in range(max(0, first_kept - start), len(chunk)):
                 ptr = self.lc.llama_get_logits_ith(self.llama.ctx, i)
                 rows.append(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())
             self.n_past += len(chunk)
@@ -315,10 +312,11 @@ class GgufModel:
         self.n_past = new_n_past.value
 
     def eval_sequence(
-        self, ids: list[int], image_token_id: int, features: np.ndarray, size: tuple[int, int], logits: str = "last"
+        self, ids: list[int], image_token_id: int, features: np.ndarray, size: tuple[int, int], keep: int | None = 1
     ) -> np.ndarray | None:
         """Decode token ids from position 0, each run of `image_token_id` replaced by the next image's
-        features. logits="all": (T, vocab) with NaN rows at image positions; "last": (1, vocab)."""
+        features. keep=None: (T, vocab) logits with NaN rows at image positions; keep=k: the logits of
+        the last k tokens (which must be text after the last image)."""
         self.reset()
         runs, i = [], 0
         while i < len(ids):
@@ -330,6 +328,8 @@ class GgufModel:
         n_image_runs = sum(1 for is_image, _ in runs if is_image)
         if n_image_runs != len(features):
             raise ValueError(f"{n_image_runs} image runs in the ids, {len(features)} images")
+        if keep is not None and keep > 0 and (not runs or runs[-1][0] or keep > len(runs[-1][1])):
+            raise ValueError(f"the last {keep} tokens are not all text after the last image")
         rows, k = [], 0
         for r, (is_image, seg) in enumerate(runs):
             last = r == len(runs) - 1
@@ -338,10 +338,10 @@ class GgufModel:
                     raise ValueError(f"image {k}: {len(seg)} soft tokens in the ids, {features.shape[1]} features")
                 self.decode_image(features[k], size)
                 k += 1
-                if logits == "all":
+                if keep is None:
                     rows.append(np.full((len(seg), self.n_vocab), np.nan, np.float32))
             else:
-                out = self.decode_tokens(seg, "all" if logits == "all" else ("last" if last else "none"))
+                out = self.decode_tokens(seg, len(seg) if keep is None else (keep if last else 0))
                 if out is not None:
                     rows.append(out)
         return np.concatenate(rows) if rows else None
@@ -408,12 +408,10 @@ class GgufButtonScorer:
         """Projected features (n_images, tokens, hidden) of model-ready images (`collator.images_for`)."""
         return self.model.encode_images(self.resized(images))
 
-    def _prefix(self, ids: list[int], images: list[Image.Image], features, logits: str):
+    def _prefix(self, ids: list[int], images: list[Image.Image], features, keep: int | None):
         if features is None:
             features = self.image_features(images)
-        return self.model.eval_sequence(
-            ids, self.collator.image_token_id, np.asarray(features), self.image_size, logits
-        )
+        return self.model.eval_sequence(ids, self.collator.image_token_id, np.asarray(features), self.image_size, keep)
 
     def score(self, frames: list[Image.Image], context: str, question: str, features=None) -> ButtonScores:
         """Score the 8 answers for 4 frames; `features` (from `image_features`) skips the projector."""
@@ -423,14 +421,17 @@ class GgufButtonScorer:
         prompt = self.collator.prompt_text(context, question)
         full = [self.collator.expanded_ids(prompt + answer_prefix(b)) for b in BUTTONS]
         shared = _common_prefix_length(full)
+        start = answer_start(self.collator, prompt, full, shared)
         self.collator._check("scoring prompt", torch.tensor(full[0][:shared]), len(images))
-        first = _log_softmax(self._prefix(full[0][:shared], images, features, "last")[0])
+        # As ButtonScorer: log P(full answer | prompt), the answers' shared opening included.
+        prefix_logprobs = _log_softmax(self._prefix(full[0][:shared], images, features, shared - start + 1))
+        opening = float(sum(prefix_logprobs[j, t] for j, t in enumerate(full[0][start:shared])))
         scores = {}
         for button, ids in zip(BUTTONS, full):
             tail = ids[shared:]
-            score = float(first[tail[0]])
+            score = opening + float(prefix_logprobs[-1, tail[0]])
             if len(tail) > 1:
-                logprobs = _log_softmax(self.model.decode_tokens(tail[:-1], "all"))
+                logprobs = _log_softmax(self.model.decode_tokens(tail[:-1], len(tail) - 1))
                 score += float(sum(logprobs[j, t] for j, t in enumerate(tail[1:])))
                 self.model.rollback(shared)
             scores[button] = score
@@ -439,32 +440,49 @@ class GgufButtonScorer:
     def logits(self, input_ids: list[int], frames: list[Image.Image]) -> np.ndarray:
         """(T, vocab) float32 logits of a full sequence; NaN rows at image positions."""
         images = self.collator.images_for([], frames)
-        return self._prefix(list(input_ids), images, None, "all")
+        return self._prefix(list(input_ids), images, None, None)
 
     def generate_ids(self, frames: list[Image.Image], context: str, question: str, max_new_tokens: int = 96):
         """Greedy answer token ids, stopping at `<eos>`/`<end_of_turn>` (not included)."""
+        return self._generate(frames, context, question, max_new_tokens)[0]
+
+    def _generate(self, frames, context: str, question: str, max_new_tokens: int) -> tuple[list[int], bool]:
+        """(answer ids without the stop token, whether a stop token ended it)."""
         import torch
 
         images = self.collator.images_for([], frames)
         ids = self.collator.expanded_ids(self.collator.prompt_text(context, question))
         self.collator._check("generation prompt", torch.tensor(ids), len(images))
         stop = {self.tokenizer.eos_token_id, self.collator.end_of_turn_id}
-        logits = self._prefix(ids, images, None, "last")[0]
+        logits = self._prefix(ids, images, None, 1)[0]
         out: list[int] = []
         for _ in range(max_new_tokens):
             token = int(np.argmax(logits))
-            if token in stop or self.model.n_past >= self.model.n_ctx:
+            if token in stop:
+                return out, True
+            if self.model.n_past >= self.model.n_ctx:
                 break
             out.append(token)
-            logits = self.model.decode_tokens([token], "last")[0]
-        return out
+            logits = self.model.decode_tokens([token], 1)[0]
+        return out, False
 
     def generate(self, frames: list[Image.Image], context: str, question: str, max_new_tokens: int = 96) -> str:
         ids = self.generate_ids(frames, context, question, max_new_tokens)
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
     def generate_batch(self, items: list[tuple[list[Image.Image], str, str]], max_new_tokens: int = 96) -> list[str]:
-        return [self.generate(frames, context, question, max_new_tokens) for frames, context, question in items]
+        return [g.text for g in self.generate_batch_details(items, max_new_tokens)]
+
+    def generate_batch_details(
+        self, items: list[tuple[list[Image.Image], str, str]], max_new_tokens: int = 96
+    ) -> list[Generation]:
+        """Greedy answers one after another, with token counts and why each ended (OpenAI usage)."""
+        out = []
+        for frames, context, question in items:
+            ids, stopped = self._generate(frames, context, question, max_new_tokens)
+            text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+            out.append(Generation(text, len(ids) + stopped, "stop" if stopped else "length"))
+        return out
 
 
 class GgufBackend(ScorerBackend):
