@@ -91,9 +91,13 @@ if [ "$GGUF" = 1 ]; then
     # cores). Named requirement: pip's wheel cache makes every later install take seconds (and a wheel
     # folder works too: PIP_FIND_LINKS=DIR). A portable CPU build (x86-64-v3, not -march=native), no OpenSSL.
     say "installing llama-cpp-python==$LLAMA_CPP_VERSION (compiles llama.cpp unless pip has the wheel cached)"
+    started=$SECONDS
     CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DLLAMA_OPENSSL=OFF}" \
       CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)}" \
-      pip_install "llama-cpp-python==$LLAMA_CPP_VERSION"
+      "$PY" -m pip install --disable-pip-version-check -q "llama-cpp-python==$LLAMA_CPP_VERSION" \
+      || fail "could not install llama-cpp-python==$LLAMA_CPP_VERSION: PyPI has only its sdist, whose build needs a" \
+              "C/C++ compiler (apt-get install build-essential) and the package registry (see the pip output above)"
+    say "llama-cpp-python installed in $((SECONDS - started)) s"
   fi
   say "llama.cpp's HF -> GGUF converter from the same sdist (convert_hf_to_gguf.py, conversion/, gguf-py/)"
   "$PY" -m pokemon_gemma.export.llama_cpp fetch \

@@ -210,6 +210,17 @@ def test_f32_export_matches_pytorch(gguf_f32, merged_dir):
         got = scorer.score(sample.frames, r.context, r.question).logprobs
         ref = pt.score(sample.frames, r.context, r.question).logprobs
         assert max(abs(got[b] - ref[b]) for b in BUTTONS) < 0.05
+        # Each score is log P(full answer | prompt): one full llama.cpp pass per answer, no shared prefix
+        # and no rollback, gives the same numbers.
+        from pokemon_gemma.scoring import _common_prefix_length, answer_prefix, answer_start
+
+        collator = scorer.collator
+        prompt = collator.prompt_text(r.context, r.question)
+        full = [collator.expanded_ids(prompt + answer_prefix(b)) for b in BUTTONS]
+        start = answer_start(collator, prompt, full, _common_prefix_length(full))
+        for b, ids in zip(BUTTONS, full):
+            rows = torch.log_softmax(torch.from_numpy(scorer.logits(ids, sample.frames)[start - 1 : -1]).double(), -1)
+            assert abs(sum(float(rows[j, t]) for j, t in enumerate(ids[start:])) - got[b]) < 1e-3
         features = scorer.image_features(scorer.collator.images_for([], sample.frames))
         assert features.shape == (4, 16, 64)
         cached = scorer.score(sample.frames, r.context, r.question, features=features).logprobs
@@ -229,6 +240,13 @@ def test_q8_export_agrees_and_every_stage_takes_it(gguf_q8, gguf_f32, merged_dir
     assert bt["required_agreement"] == 0.9
     f32_bytes = json.loads((gguf_f32 / artifacts.GGUF_MANIFEST).read_text())["files"]["text"]["bytes"]
     assert manifest["files"]["text"]["bytes"] < 0.4 * f32_bytes
+    # The side-by-side table (demo.sh, README) reads the same figures from the manifests.
+    from pokemon_gemma.export import compare
+
+    rows = compare.table([gguf_q8, gguf_f32, merged_dir]).splitlines()
+    assert "| GGUF q8_0 |" in rows[2] and f"| {bt['agreed']}/32 (" in rows[2] and "| passed |" in rows[2]
+    assert "| GGUF f32 |" in rows[3] and "| 6/6 (100.0%) |" in rows[3]
+    assert "no export manifest" in rows[4]
 
     # The backend layer picks llama.cpp for a GGUF folder, and only for one.
     assert artifacts.folder_kind(gguf_q8) == "gguf" and choose_backend(str(gguf_q8)) == "gguf"
