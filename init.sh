@@ -100,7 +100,7 @@ if [ "$GGUF" = 1 ]; then
     say "llama-cpp-python installed in $((SECONDS - started)) s"
   fi
   say "llama.cpp's HF -> GGUF converter from the same sdist (convert_hf_to_gguf.py, conversion/, gguf-py/)"
-  "$PY" -m pokemon_gemma.export.llama_cpp fetch \
+  "$PY" -c "from pokemon_gemma.export.llama_cpp import main; raise SystemExit(main(['fetch']))" \
     || fail "could not extract llama.cpp's converter from the llama-cpp-python sdist (see the message above)"
 fi
 

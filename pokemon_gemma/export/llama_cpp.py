@@ -8,8 +8,8 @@ this converter cannot run with. So `./init.sh --gguf` extracts exactly those thr
 same sdist into the virtual environment (`fetch_converter`, idempotent, stamped with the sdist's
 sha256 and the vendored llama.cpp commit); the GGUF export runs the converter from there.
 
-    python -m pokemon_gemma.export.llama_cpp fetch [--sdist FILE] [--dest DIR]   # what init.sh runs
-    python -m pokemon_gemma.export.llama_cpp where                               # the folder in use
+    python -c "from pokemon_gemma.export.llama_cpp import main; main(['fetch'])"   # what init.sh runs
+    (main(['fetch', '--sdist', FILE, '--dest', DIR]) for a given sdist/folder; main(['where']): the one in use)
 """
 
 from __future__ import annotations
