@@ -266,7 +266,8 @@ class MetricsLog:
 
 @torch.no_grad()
 def evaluate(model, collator: Collator, records: list[Record], batch_size: int) -> dict[str, float]:
-    """Validation loss (token-normalised) and button accuracy from full-answer scoring."""
+    """Validation loss (token-normalised) and button accuracy from full-answer scoring, both over
+    `batch_size` samples per forward pass."""
     was_training = model.training
     model.eval()
     total, tokens = 0.0, 0
@@ -276,7 +277,10 @@ def evaluate(model, collator: Collator, records: list[Record], batch_size: int) 
         value, n = loss_sum(model, batch)
         total, tokens = total + float(value), tokens + n
     scorer = ButtonScorer(model, collator)
-    correct = sum(scorer.score_record(r).button == r.button for r in records)
+    correct = 0
+    for i in range(0, len(records), batch_size):
+        batch = records[i : i + batch_size]
+        correct += sum(s.button == r.button for s, r in zip(scorer.score_records(batch), batch))
     model.train(was_training)
     return {"eval/loss": total / max(tokens, 1), "eval/accuracy": correct / len(records)}
 

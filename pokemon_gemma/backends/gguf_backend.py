@@ -33,7 +33,7 @@ from PIL import Image
 from ..artifacts import GGUF_MANIFEST, read_json
 from ..collate import Collator
 from ..dataset import BUTTONS
-from ..scoring import ButtonScores, Generation, _common_prefix_length, answer_prefix, answer_start
+from ..scoring import ButtonScores, Generation, ScoreItem, _common_prefix_length, answer_prefix, answer_start
 from . import BackendError, ScorerBackend, model_version
 
 KV_TYPES = ("f16", "f32")
@@ -397,6 +397,9 @@ class GgufButtonScorer:
                 "(mmproj and tokenizer files come from different models)"
             )
 
+    # One llama.cpp context with one sequence: a batch is scored item by item.
+    batched_scoring = False
+
     def close(self) -> None:
         self.model.close()
 
@@ -436,6 +439,9 @@ class GgufButtonScorer:
                 self.model.rollback(shared)
             scores[button] = score
         return ButtonScores(scores)
+
+    def score_batch(self, items: list[ScoreItem]) -> list[ButtonScores]:
+        return [self.score(i.frames, i.context, i.question, features=i.features) for i in items]
 
     def logits(self, input_ids: list[int], frames: list[Image.Image]) -> np.ndarray:
         """(T, vocab) float32 logits of a full sequence; NaN rows at image positions."""

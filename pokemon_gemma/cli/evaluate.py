@@ -46,8 +46,8 @@ def build_parser(settings) -> argparse.ArgumentParser:
         "--batch_size",
         type=int,
         default=1,
-        help="samples per generate() call in generate mode (score mode scores one sample at a "
-        "time: its 8 answers already share one prompt pass)",
+        help="samples per model call: score mode scores them in one prompt pass and one answer pass, "
+        "generate mode generates them together (left-padded)",
     )
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
     parser.add_argument(
