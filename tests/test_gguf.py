@@ -182,6 +182,8 @@ def test_f32_export_matches_pytorch(gguf_f32, merged_dir):
         assert entry["name"] == f"{prefix}-f32.gguf"
         assert entry["bytes"] == (gguf_f32 / entry["name"]).stat().st_size > 0
         assert entry["sha256"] == fileio.file_sha256(gguf_f32 / entry["name"])
+    # Everything published is readable like an ordinary file (the converter and safetensors write their own).
+    assert all(p.stat().st_mode & 0o777 == fileio.FILE_MODE for p in gguf_f32.iterdir() if p.is_file())
     conv = manifest["converter"]
     assert conv["llama_cpp_python"] == llama_cpp.LLAMA_CPP_PYTHON_VERSION and len(conv["llama_cpp_commit"]) == 40
     assert conv["gguf_py_version"] and manifest["versions"]["llama-cpp-python"] == llama_cpp.LLAMA_CPP_PYTHON_VERSION
