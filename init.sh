@@ -43,7 +43,7 @@ else
 fi
 # One stamp per set of inputs and torch build, recording the extras installed (dev, gguf): a run that
 # asks for no more than a stamp records is a no-op, and a new stamp keeps what the old one had.
-BASE_STAMP=".venv/.pokemon-gemma-$(cat requirements.txt requirements-dev.txt pyproject.toml init.sh | sha256sum | cut -c1-16)-$TORCH_KIND"
+BASE_STAMP=".venv/.pokemon-gemma-$(cat requirements.txt requirements-dev.txt requirements-gguf.txt pyproject.toml init.sh | sha256sum | cut -c1-16)-$TORCH_KIND"
 for old in "$BASE_STAMP"-dev*-gguf*; do
   [ -f "$old" ] || continue
   extras=${old#"$BASE_STAMP"-dev}
@@ -83,22 +83,17 @@ pip_install "setuptools>=68" wheel
 pip_install --no-deps --no-build-isolation -e .
 
 if [ "$GGUF" = 1 ]; then
-  LLAMA_CPP_VERSION=$(sed -n 's/^LLAMA_CPP_PYTHON_VERSION = "\(.*\)"$/\1/p' pokemon_gemma/export/llama_cpp.py)
-  if "$PY" -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$LLAMA_CPP_VERSION')" 2>/dev/null; then
-    say "llama-cpp-python $LLAMA_CPP_VERSION already installed"
-  else
-    # PyPI has only the sdist: the first install compiles llama.cpp (~19 CPU-minutes: ~10 min on 2 idle
-    # cores). Named requirement: pip's wheel cache makes every later install take seconds (and a wheel
-    # folder works too: PIP_FIND_LINKS=DIR). A portable CPU build (x86-64-v3, not -march=native), no OpenSSL.
-    say "installing llama-cpp-python==$LLAMA_CPP_VERSION (compiles llama.cpp unless pip has the wheel cached)"
-    started=$SECONDS
-    CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DLLAMA_OPENSSL=OFF}" \
-      CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)}" \
-      "$PY" -m pip install --disable-pip-version-check -q "llama-cpp-python==$LLAMA_CPP_VERSION" \
-      || fail "could not install llama-cpp-python==$LLAMA_CPP_VERSION: PyPI has only its sdist, whose build needs a" \
-              "C/C++ compiler (apt-get install build-essential) and the package registry (see the pip output above)"
-    say "llama-cpp-python installed in $((SECONDS - started)) s"
-  fi
+  # PyPI has only the sdist: the first install compiles llama.cpp (~19 CPU-minutes: ~10 min on 2 idle
+  # cores). Named requirement: pip's wheel cache makes every later install take seconds (and a wheel
+  # folder works too: PIP_FIND_LINKS=DIR). A portable CPU build (x86-64-v3, not -march=native), no OpenSSL.
+  say "installing requirements-gguf.txt (llama-cpp-python: compiles llama.cpp unless installed or pip has the wheel cached)"
+  started=$SECONDS
+  CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DLLAMA_OPENSSL=OFF}" \
+    CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)}" \
+    "$PY" -m pip install --disable-pip-version-check -q -r requirements-gguf.txt \
+    || fail "could not install requirements-gguf.txt: PyPI has llama-cpp-python only as an sdist, whose build needs" \
+            "a C/C++ compiler (apt-get install build-essential) and the package registry (see the pip output above)"
+  say "requirements-gguf.txt installed in $((SECONDS - started)) s"
   say "llama.cpp's HF -> GGUF converter from the same sdist (convert_hf_to_gguf.py, conversion/, gguf-py/)"
   "$PY" -c "from pokemon_gemma.export.llama_cpp import main; raise SystemExit(main(['fetch']))" \
     || fail "could not extract llama.cpp's converter from the llama-cpp-python sdist (see the message above)"

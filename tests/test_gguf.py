@@ -362,6 +362,8 @@ def test_converter_is_the_pinned_sdists():
     if os.environ.get(llama_cpp.CONVERTER_ENV) is None:  # the one ./init.sh --gguf extracted
         assert info["llama_cpp_python"] == llama_cpp.LLAMA_CPP_PYTHON_VERSION and len(info["sdist_sha256"]) == 64
         assert llama_cpp.fetch_converter(folder) == (folder, False)  # idempotent: nothing downloaded
-    # init.sh reads the pin from the same line
-    init = (Path(__file__).resolve().parent.parent / "init.sh").read_text()
-    assert "pokemon_gemma/export/llama_cpp.py" in init and "llama-cpp-python==$LLAMA_CPP_VERSION" in init
+    # init.sh installs requirements-gguf.txt, whose pin is the converter's
+    root = Path(__file__).resolve().parent.parent
+    assert "-r requirements-gguf.txt" in (root / "init.sh").read_text()
+    pins = (root / "requirements-gguf.txt").read_text().splitlines()
+    assert f"llama-cpp-python=={llama_cpp.LLAMA_CPP_PYTHON_VERSION}" in pins
