@@ -15,9 +15,9 @@ verification) talk to a `Backend` and never to torch, MLX or llama.cpp directly.
 `frames` are the 4 decoded PIL frames, oldest first; `features` are per-frame vision features from
 `encode_frames` (or None: the backend runs the vision tower). `score` is the one-item case of
 `score_batch`; `batched_scoring` says whether a batch runs as one model pass (torch: one prompt pass
-and one answer pass for the whole batch) or item by item (MLX: see mlx_backend.py). `load_backend`
-picks the backend from the folder (an MLX export gets MLX, anything else torch) and resolves an
-adapter folder to its base.
+and one answer pass for the whole batch) or item by item (MLX, GGUF). `load_backend` picks the
+backend from the folder (an MLX export gets MLX, a GGUF export llama.cpp, anything else torch) and
+resolves an adapter folder to its base.
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ from typing import Any, Protocol
 
 from PIL import Image
 
-from ..artifacts import ArtifactError, is_mlx_export, resolve_model
+from ..artifacts import ArtifactError, is_gguf_export, is_mlx_export, resolve_model
 from ..artifacts import frame_layout as recorded_frame_layout
 from ..errors import first_line
 from ..scoring import ButtonScores, Generation, ScoreItem
 
-BACKENDS = ("auto", "torch", "mlx")
+BACKENDS = ("auto", "torch", "mlx", "gguf")
 
 
 class BackendError(RuntimeError):
@@ -41,7 +41,7 @@ class BackendError(RuntimeError):
 
 
 class Backend(Protocol):
-    name: str  # what runs the model: "torch" | "mlx"
+    name: str  # what runs the model: "torch" | "mlx" | "gguf"
     kind: str  # what the folder is (artifacts.KINDS)
     model_version: str
     frame_layout: str
@@ -88,7 +88,7 @@ def model_version(model_path: str, adapter_path: str | None = None) -> str:
         for name in ("config.json", "adapter_config.json"):
             if (path / name).is_file():
                 digest.update((path / name).read_bytes())
-        for weights in sorted(list(path.glob("*.safetensors")) + list(path.glob("*.npz"))):
+        for weights in sorted([*path.glob("*.safetensors"), *path.glob("*.npz"), *path.glob("*.gguf")]):
             digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
     return f"{Path(adapter_path or model_path).name}-{digest.hexdigest()[:12]}"
 
@@ -97,9 +97,13 @@ def choose_backend(model: str, backend: str = "auto") -> str:
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend {backend!r} (use one of: {', '.join(BACKENDS)})")
     if backend == "auto":
-        return "mlx" if is_mlx_export(model) else "torch"
-    if backend == "torch" and is_mlx_export(model):
+        return "mlx" if is_mlx_export(model) else "gguf" if is_gguf_export(model) else "torch"
+    if backend != "mlx" and is_mlx_export(model):
         raise BackendError(f"{model} is an MLX export (use --backend mlx)")
+    if backend != "gguf" and is_gguf_export(model):
+        raise BackendError(f"{model} is a GGUF export (use --backend gguf)")
+    if backend == "gguf" and not is_gguf_export(model):
+        raise BackendError(f"{model} is not a GGUF export (make one with scripts/convert_to_gguf.py)")
     return backend
 
 
@@ -133,6 +137,12 @@ def load_backend(
             from .mlx_backend import MlxBackend
 
             return MlxBackend(ref.model, frame_layout=layout, max_seq_length=max_seq_length, version=version)
+        if name == "gguf":
+            if ref.adapter:
+                raise BackendError("an adapter cannot be put on a GGUF export (merge the adapter, then export)")
+            from .gguf_backend import GgufBackend
+
+            return GgufBackend(ref.model, frame_layout=layout, max_seq_length=max_seq_length, version=version)
         from .torch_backend import TorchBackend
 
         return TorchBackend(

@@ -3,11 +3,12 @@
 Writes OUTPUT_DIR/eval_report.json (metrics, per-button scores, confusion matrix, accuracy per
 scene context, latency, baselines), eval_report.md, predictions.jsonl, confusion_matrix.png and
 accuracy_by_context.png. The model may be a hub id or folder (base or merged), a LoRA adapter
-folder (its base is loaded), or an MLX export (folder with export_manifest.json).
+folder (its base is loaded), an MLX export (folder with export_manifest.json) or a GGUF export
+(folder with gguf_manifest.json, scored with llama.cpp).
 
     python scripts/evaluate.py --model_name models/pokemon-gemma-lora --dataset_path training_data/test.jsonl \\
         --output_dir eval/lora
-    python scripts/evaluate.py --compare eval/lora eval/merged eval/mlx
+    python scripts/evaluate.py --compare eval/lora eval/merged eval/mlx eval/gguf
 """
 
 import argparse
@@ -69,9 +70,10 @@ def build_parser(settings) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--backend",
-        choices=("auto", "torch", "mlx"),
+        choices=("auto", "torch", "mlx", "gguf"),
         default="auto",
-        help="auto: mlx when the model folder has export_manifest.json, else torch",
+        help="auto: mlx when the model folder has export_manifest.json, gguf (llama.cpp) when it has "
+        "gguf_manifest.json, else torch",
     )
     add_settings_args(parser, settings, ["mixed_precision"])
     parser.add_argument("--max_new_tokens", type=int, default=96, help="generation budget in generate mode")

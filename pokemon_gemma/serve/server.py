@@ -1,5 +1,6 @@
-"""The server CLI shared by scripts/inference_server.py (torch by default) and
-scripts/mlx_inference_server.py (MLX by default): flags, API key, model loading, uvicorn."""
+"""The server CLI shared by scripts/inference_server.py (backend chosen by the folder: MLX export,
+GGUF export, else torch) and scripts/mlx_inference_server.py (MLX by default): flags, API key, model
+loading, uvicorn."""
 
 from __future__ import annotations
 
@@ -39,7 +40,11 @@ def build_parser(settings, default_backend: str, description: str) -> argparse.A
         "--adapter_path", default=None, help="LoRA adapter folder loaded on top of --model_path (torch backend only)"
     )
     parser.add_argument(
-        "--backend", choices=BACKENDS, default=default_backend, help=f"what runs the model (default: {default_backend})"
+        "--backend",
+        choices=BACKENDS,
+        default=default_backend,
+        help=f"what runs the model; auto: mlx for an MLX export, gguf (llama.cpp) for a GGUF export, else torch "
+        f"(default: {default_backend})",
     )
     parser.add_argument(
         "--api_key_env",
@@ -113,7 +118,7 @@ def main_mlx(argv=None) -> int:
     return main(argv, default_backend="mlx", description=MLX_DESCRIPTION)
 
 
-def main(argv=None, default_backend: str = "torch", description: str = TORCH_DESCRIPTION) -> int:
+def main(argv=None, default_backend: str = "auto", description: str = TORCH_DESCRIPTION) -> int:
     settings = load_settings_or_exit()
     args = build_parser(settings, default_backend, description).parse_args(argv)
     settings = settings_from_args(settings, args)
@@ -144,9 +149,9 @@ def main(argv=None, default_backend: str = "torch", description: str = TORCH_DES
     if not _is_loopback(settings.host) and not api_key:
         log.warning("binding %s without --api_key_env: anyone who can reach this port can use the model", settings.host)
     try:
-        choose_backend(settings.model_path, args.backend)
+        backend_name = choose_backend(settings.model_path, args.backend)
     except BackendError as exc:
-        print(f"error: {exc} (or scripts/mlx_inference_server.py)", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
         return 2
 
     # Heavy imports (torch, transformers, fastapi) only once the flags are known to be good.
@@ -156,7 +161,7 @@ def main(argv=None, default_backend: str = "torch", description: str = TORCH_DES
     log.info(
         "loading %s (%s backend)%s",
         settings.model_path,
-        args.backend,
+        backend_name,
         f" + adapter {args.adapter_path}" if args.adapter_path else "",
     )
     from ..distributed import precision_for
@@ -165,7 +170,7 @@ def main(argv=None, default_backend: str = "torch", description: str = TORCH_DES
         backend = load_backend(
             settings.model_path,
             args.adapter_path,
-            backend=args.backend,
+            backend=backend_name,
             default_frame_layout=settings.frame_layout,
             precision=precision_for(settings.mixed_precision)[0],  # same resolution as training
             max_seq_length=settings.max_seq_length,
