@@ -3,7 +3,14 @@
 # No network, no GPU. Everything goes under $DEMO_DIR (default demo_output/).
 set -euo pipefail
 cd "$(dirname "$0")"
-./init.sh
+# GGUF export: DEMO_GGUF=1 installs llama-cpp-python first (its first install compiles llama.cpp, ~10 min on
+# 2 cores); the default (auto) exports to GGUF when it is already installed (e.g. by ./test.sh); 0 skips it.
+GGUF=${DEMO_GGUF:-auto}
+if [ "$GGUF" = 1 ]; then ./init.sh --gguf; else ./init.sh; fi
+if [ "$GGUF" = auto ]; then
+  if .venv/bin/python -c "import llama_cpp; from pokemon_gemma.export.llama_cpp import find_converter; find_converter()" \
+      >/dev/null 2>&1; then GGUF=1; else GGUF=0; echo "[demo] GGUF export skipped: llama-cpp-python not installed (DEMO_GGUF=1)"; fi
+fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 WANDB_MODE=offline \
        WANDB_SILENT=true PYTHONUNBUFFERED=1
 PY=.venv/bin/python
@@ -64,7 +71,7 @@ stage "play: the trained model in control of the demo world, beside random, repe
 $PY scripts/play.py --model_path "$RUN" --policy model,random,repeat_last,expert --episodes "$PLAY_EPISODES" \
     --max_steps 120 --goals_per_episode 3 --gif 3 --output_dir "$DEMO_DIR/play"
 
-stage "merge LoRA into the base and export to MLX"
+stage "merge LoRA into the base (hub weight names) and export to MLX"
 $PY scripts/merge_qlora.py --base_model "$TINY" --lora_path "$RUN" --output_path "$DEMO_DIR/merged" --dtype fp32 \
     --verify_data "$DATA/val.jsonl" --overwrite
 # The tiny model's 64-wide rows make 4-bit too coarse (verification fails); real models use 4.
@@ -72,8 +79,21 @@ $PY scripts/convert_to_mlx.py --model_path "$DEMO_DIR/merged" --output_path "$DE
     --verify_data "$DATA/val.jsonl" --overwrite
 $PY scripts/evaluate.py --model_name "$DEMO_DIR/mlx" --dataset_path "$DATA/test.jsonl" \
     --train_dataset_path "$DATA/train.jsonl" --output_dir "$DEMO_DIR/eval_mlx"
-echo "PyTorch adapter vs MLX export:"
-$PY scripts/evaluate.py --compare "$DEMO_DIR/eval" "$DEMO_DIR/eval_mlx"
+EVALS=("$DEMO_DIR/eval" "$DEMO_DIR/eval_mlx")
+EXPORTS=("$DEMO_DIR/mlx")
+if [ "$GGUF" = 1 ]; then
+  stage "export to GGUF with llama.cpp's converter (text model + mmproj, q8_0) and score it with llama.cpp"
+  $PY scripts/convert_to_gguf.py --model_path "$DEMO_DIR/merged" --output_dir "$DEMO_DIR/gguf" --quantization q8_0 \
+      --verify_data "$DATA/val.jsonl" --overwrite
+  $PY scripts/evaluate.py --model_name "$DEMO_DIR/gguf" --dataset_path "$DATA/test.jsonl" \
+      --train_dataset_path "$DATA/train.jsonl" --output_dir "$DEMO_DIR/eval_gguf"
+  EVALS+=("$DEMO_DIR/eval_gguf")
+  EXPORTS+=("$DEMO_DIR/gguf")
+fi
+echo "Exports vs the PyTorch model they came from (verification samples of each export):"
+$PY -m pokemon_gemma.export.compare "${EXPORTS[@]}"
+echo "PyTorch adapter vs the exports on the held-out sessions:"
+$PY scripts/evaluate.py --compare "${EVALS[@]}"
 
 stage "serve the merged model and watch it with the health monitor"
 $PY scripts/inference_server.py --model_path "$DEMO_DIR/merged" --port "$PORT" >"$DEMO_DIR/server.log" 2>&1 &

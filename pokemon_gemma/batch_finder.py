@@ -132,6 +132,17 @@ def worst_case_records(records: list[Record], collator, count: int) -> list[Reco
 
 
 # --------------------------------------------------------------------------- one probe
+def with_precision(s: Settings, device: str) -> Settings:
+    """The training loop's own precision: CLI > environment > .env > accelerate config > device default."""
+    from .distributed import detect_device, precision_for
+
+    try:
+        precision, _ = precision_for(s.mixed_precision, device=detect_device() if device == "cuda" else device)
+    except ValueError as exc:
+        raise FinderError(str(exc)) from None
+    return replace(s, mixed_precision=precision)
+
+
 class Prober:
     """Holds a loaded model and runs training steps of a given micro-batch size on it."""
 
@@ -142,6 +153,7 @@ class Prober:
         from .modeling import DTYPES
         from .train import build_model
 
+        s = with_precision(s, device)
         self.s, self.device = s, device
         self.accelerator = Accelerator(mixed_precision=s.mixed_precision, cpu=device == "cpu")
         self.model, processor = build_model(s)
@@ -358,6 +370,7 @@ def find_batch_size(
         raise FinderError("--max_batch_size must be at least 1")
     records = load_records(s.dataset_path)
     device = resolve_device(device)
+    s = with_precision(s, device)
     processor = load_processor(s.model_name, token=s.hub_token, image_tokens=s.image_tokens)
     collator = Collator(processor, s.max_seq_length, s.frame_layout)
     try:

@@ -195,6 +195,10 @@ class Collator:
             return [self.tokens_per_image] * n_images
         return [self.family.tokens_per_image(self.processor, size) for size in sizes]
 
+    def frame_sizes(self, frames: list[Image.Image]) -> list[tuple[int, int]]:
+        """The sizes of the images the model sees for these frames (no pixels touched)."""
+        return self.layout_sizes([f.size for f in frames])
+
     def layout_sizes(self, frame_sizes: list[tuple[int, int]] | None) -> list[tuple[int, int]] | None:
         """The sizes of the images the model sees for frames of `frame_sizes` (one grid, or the frames)."""
         if frame_sizes is None or any(size is None for size in frame_sizes):
@@ -269,12 +273,12 @@ class Collator:
     def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
         return self.pixel_inputs(images)["pixel_values"]
 
-    def _check(self, sample_id: str, input_ids: torch.Tensor, sizes: list[tuple[int, int]]) -> None:
+    def _check(self, sample_id: str, input_ids: torch.Tensor, sizes: list[tuple[int, int]] | None) -> None:
         n_bos = int((input_ids == self.tokenizer.bos_token_id).sum())
         if n_bos != 1:
             raise SampleError(f"{sample_id}: expected exactly one <bos>, found {n_bos}")
         n_soft = int((input_ids == self.image_token_id).sum())
-        counts = self.image_counts(sizes, len(sizes))
+        counts = self.image_counts(sizes, self.n_images if sizes is None else len(sizes))
         if n_soft != sum(counts):
             raise SampleError(f"{sample_id}: {n_soft} image soft tokens, expected {' + '.join(map(str, counts))}")
 

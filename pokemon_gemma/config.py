@@ -62,7 +62,11 @@ class Settings:
     use_peft: bool = _f(True, "train a LoRA adapter (else full fine-tuning)")
     use_qlora: bool = _f(False, "4-bit nf4 base (QLoRA); needs bitsandbytes")
     gradient_checkpointing: bool = _f(False, "trade compute for memory")
-    mixed_precision: str = _f("no", "autocast/weights dtype", ("no", "bf16", "fp16"))
+    mixed_precision: str = _f(
+        "",
+        "autocast/weights dtype ('' = the accelerate config's, else bf16 on a bf16 CUDA GPU, fp32 otherwise)",
+        ("", "no", "bf16", "fp16"),
+    )
     frame_layout: str = _f(
         "images", "4 separate images, or one 2x2 grid image (1/4 of the image tokens)", ("images", "grid")
     )
@@ -76,7 +80,7 @@ class Settings:
     seed: int = _f(42, "random seed")
     max_grad_norm: float = _f(1.0, "clip the gradient norm (0 = no clipping)")
     eval_max_samples: int = _f(256, "validation samples scored at each eval step (0 = all)")
-    eval_batch_size: int = _f(8, "micro-batch size for the validation loss")
+    eval_batch_size: int = _f(8, "samples per forward pass at eval steps (validation loss and button scoring)")
     dataloader_workers: int = _f(
         1, "processes that decode/collate upcoming micro-batches while the model trains (0 = inline)"
     )
@@ -87,6 +91,9 @@ class Settings:
     model_path: str = _f("models/pokemon-gemma-merged", "model folder the server loads")
     host: str = _f("127.0.0.1", "server bind address")
     port: int = _f(8000, "server port")
+    max_batch: int = _f(8, "most requests the server's model worker takes at once (score requests share one pass)")
+    batch_wait_ms: float = _f(2.0, "how long the server's model worker waits for more requests to join a batch")
+    shutdown_grace_s: float = _f(30.0, "on SIGTERM: seconds the server takes to finish queued work (the rest gets 503)")
     registry_db: str = _f("models/registry.db", "SQLite model registry")
     # --- trackers and secrets (never printed)
     wandb_project: str = _f("pokemon-gemma", "W&B project")

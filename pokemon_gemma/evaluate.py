@@ -86,51 +86,59 @@ def predict(
 ) -> tuple[list[Prediction], list[dict]]:
     """Run the backend over the records: (predictions, skipped [{index, sample_id, reason}]).
 
-    Score mode takes one sample at a time (its 8 answers already share one prompt pass); generate mode
-    sends `batch_size` samples per call when the backend has `generate_batch`, and a sample's latency
-    is then its share of the batch's time. `blank_frames` replaces every frame by a black one of the
-    same size (does the model read the pixels?)."""
+    Both modes send `batch_size` samples per model call (score: `score_batch`, one prompt pass and one
+    answer pass for the batch; generate: `generate_batch`), and a sample's latency is then its share of
+    the batch's time. In score mode, batches are formed from samples of similar context length (less
+    padding); predictions come back in the records' order either way. `blank_frames` replaces every
+    frame by a black one of the same size (does the model read the pixels?)."""
     from .collate import FrameLoader, SampleError, blank_like
 
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     frames_of = frame_loader or FrameLoader()
-    step = max(1, batch_size) if mode == "generate" and hasattr(backend, "generate_batch") else 1
-    predictions, skipped = [], []
+    step = max(1, batch_size)
+    order = list(range(len(records)))
+    if mode == "score" and step > 1:
+        order.sort(key=lambda i: len(records[i].context) + len(records[i].question))
+    predicted: dict[int, Prediction] = {}
+    skipped = []
     with progress_bar(total=len(records), desc=f"evaluate ({mode})", unit="sample", disable=not progress) as bar:
-        for i in range(0, len(records), step):
-            batch = []
-            for index, record in enumerate(records[i : i + step], start=i):
+        for start in range(0, len(order), step):
+            batch, indices = [], []
+            for index in order[start : start + step]:
+                record = records[index]
                 try:
                     frames = [frames_of.load(p) for p in record.frames]
                 except SampleError as exc:
                     skipped.append({"index": index, "sample_id": record.sample_id, "reason": str(exc)})
                     continue
                 batch.append((record, [blank_like(f) for f in frames] if blank_frames else frames))
+                indices.append(index)
             if batch:
-                predictions += _predict_batch(backend, batch, mode, max_new_tokens)
-            bar.update(len(records[i : i + step]))
-    return predictions, skipped
+                predicted.update(zip(indices, _predict_batch(backend, batch, mode, max_new_tokens)))
+            bar.update(len(order[start : start + step]))
+    return [predicted[i] for i in sorted(predicted)], sorted(skipped, key=lambda s: s["index"])
 
 
 def _predict_batch(
     backend: Backend, batch: list[tuple[Record, list]], mode: str, max_new_tokens: int
 ) -> list[Prediction]:
-    from .scoring import parse_generated
+    from .scoring import ScoreItem, parse_generated
 
     start = time.perf_counter()
     if mode == "score":
-        ((record, frames),) = batch
-        scores = backend.score(frames, record.context, record.question)
+        scored = backend.score_batch([ScoreItem(frames, r.context, r.question) for r, frames in batch])
+        latency = (time.perf_counter() - start) / len(batch)
         return [
             Prediction(
                 record.sample_id,
                 record.button,
                 scores.button,
                 scene_context(record),
-                time.perf_counter() - start,
+                latency,
                 probabilities=scores.probabilities,
             )
+            for (record, _), scores in zip(batch, scored)
         ]
     items = [(frames, r.context, r.question) for r, frames in batch]
     if len(items) == 1:

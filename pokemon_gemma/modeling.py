@@ -72,10 +72,14 @@ def _explain(model_name: str, exc: Exception) -> str:
     return f"cannot load {model_name!r}: {first}"
 
 
-def bnb_4bit_config(family: Family):
+def bnb_4bit_config(family: Family, quant_storage_bf16: bool = False):
     """QLoRA: nf4 with double quantisation and bf16 compute; the family's vision (and audio) side and
     lm_head stay unquantised. transformers matches skip names from the start of the full module name,
-    so they must be full names ("model.vision_tower": a bare "vision_tower" skipped nothing)."""
+    so they must be full names ("model.vision_tower": a bare "vision_tower" skipped nothing).
+
+    `quant_storage_bf16` (FSDP): FSDP shards floating tensors only; with the default uint8 storage
+    every 4-bit weight stays whole on every rank ("Found N non-floating frozen Params4bit. Excluding
+    from FSDP2 sharding"), so store them as bf16 (= the compute dtype)."""
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
@@ -83,12 +87,19 @@ def bnb_4bit_config(family: Family):
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_quant_storage=torch.bfloat16 if quant_storage_bf16 else torch.uint8,
         llm_int8_skip_modules=list(family.qlora_skip_modules),
     )
 
 
 def load_model(
-    model_name: str, *, precision: str = "no", qlora: bool = False, token: str | None = None, device_map=None
+    model_name: str,
+    *,
+    precision: str = "no",
+    qlora: bool = False,
+    token: str | None = None,
+    device_map=None,
+    quant_storage_bf16: bool = False,
 ):
     """Load a supported family's *ForConditionalGeneration in the requested precision (or 4-bit for QLoRA)."""
     from transformers import AutoModelForImageTextToText
@@ -96,7 +107,7 @@ def load_model(
     family = family_for_model(model_name, token)
     kwargs = dict(dtype=DTYPES[precision], **_token_kwargs(token))
     if qlora:
-        kwargs["quantization_config"] = bnb_4bit_config(family)
+        kwargs["quantization_config"] = bnb_4bit_config(family, quant_storage_bf16)
         kwargs["dtype"] = torch.bfloat16
     if device_map is not None:
         kwargs["device_map"] = device_map

@@ -193,6 +193,8 @@ def validate_sweep(sweep: SweepFile, parser: argparse.ArgumentParser | None = No
             err("metric", f"pokemon_gemma/train.py never logs {METRIC!r}; the sweep would have nothing to maximise")
     command = cfg.get("command") or ["${env}", "${interpreter}", "${program}", "${args}"]
     boolean_ok = any("${args_no_boolean_flags}" in str(part) for part in command)
+    for problem in check_command(command):
+        err("command", problem)
     params = cfg.get("parameters")
     if not isinstance(params, dict) or not params:
         err("parameters", "no parameters to sweep")
@@ -204,6 +206,38 @@ def validate_sweep(sweep: SweepFile, parser: argparse.ArgumentParser | None = No
     if "report_to" not in params:
         err("parameters", "add `report_to: {value: wandb}` so each run logs eval/accuracy to W&B")
     return errors
+
+
+def check_command(command: list) -> list[str]:
+    """The sweep's `command`: `${program}` and its `${args}` must be there; a command that starts the
+    training through `accelerate launch` (several GPUs per run) must name a config that accelerate's
+    own loader reads (each rank then sees the same WANDB_RUN_ID, and only rank 0 opens the W&B run)."""
+    parts = [str(p) for p in command]
+    problems = []
+    if "${program}" not in parts:
+        problems.append("command must run ${program}")
+    elif not any(p in ("${args}", "${args_no_boolean_flags}") for p in parts[parts.index("${program}") :]):
+        problems.append("command must pass ${args} (or ${args_no_boolean_flags}) after ${program}")
+    launch = next(
+        (i for i, p in enumerate(parts) if p == "accelerate.commands.launch" or p.endswith("accelerate")), None
+    )
+    if launch is None:
+        return problems
+    if "${program}" in parts and parts.index("${program}") < launch:
+        problems.append("accelerate launch must come before ${program}")
+    config = next((parts[i + 1] for i, p in enumerate(parts[:-1]) if p == "--config_file"), None)
+    if config is None:
+        return problems + ["accelerate launch needs --config_file accelerate_configs/<name>.yaml"]
+    path = REPO_ROOT / config
+    if not path.is_file():
+        return problems + [f"accelerate config {config} does not exist in {REPO_ROOT}"]
+    try:
+        from accelerate.commands.config import load_config_from_file
+
+        load_config_from_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - accelerate's loader: unknown keys, bad YAML
+        problems.append(f"accelerate cannot load {config} ({str(exc).splitlines()[0][:160]})")
+    return problems
 
 
 def agent_command(sweep_id: str, project: str, entity: str | None) -> str:

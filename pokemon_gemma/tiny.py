@@ -91,7 +91,7 @@ def _corpus() -> list[str]:
 
 def build_tokenizer(vocab_size: int = 1024):
     """A byte-level BPE tokenizer with Gemma's special tokens, trained on a fixed corpus."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -104,6 +104,13 @@ def build_tokenizer(vocab_size: int = 1024):
         show_progress=False,
     )
     tok.train_from_iterator(_corpus() * 4, trainer=trainer)
+    # Gemma's post-processor: encoding with special tokens prepends <bos>. The project always
+    # tokenizes with add_special_tokens=False (the chat template writes the <bos>); llama.cpp's
+    # converter reads this to set add_bos_token, as real Gemma 3 GGUFs have it.
+    bos = ("<bos>", tok.token_to_id("<bos>"))
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos>:0 $A:0", pair="<bos>:0 $A:0 <bos>:1 $B:1", special_tokens=[bos]
+    )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="<pad>",
@@ -198,6 +205,8 @@ def build_tiny_model(output_dir: str | Path, seed: int = 0, image_size: int = 64
     from transformers import Gemma3ForConditionalGeneration, Gemma3Processor, GenerationConfig
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
+    from .hub_names import rename_to_hub
+
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
@@ -224,6 +233,9 @@ def build_tiny_model(output_dir: str | Path, seed: int = 0, image_size: int = 64
         do_sample=False,
     )
     model.save_pretrained(output_dir)
+    # Built from a config, the model is saved with transformers 5's flat SigLIP names; the hub's
+    # (vision_tower.vision_model.*) are what other tools read, and transformers keeps them from here on.
+    rename_to_hub(output_dir)
 
     image_processor = Gemma3ImageProcessorPil(
         size={"height": image_size, "width": image_size},

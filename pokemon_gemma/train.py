@@ -3,12 +3,15 @@
 Read top to bottom: set-up, then one explicit loop (prefetch the step's micro-batches, count their
 labelled tokens over all processes, backward each with loss = CE_sum * world / N_step, step),
 eval, save. Normalising by the step's token count makes batch 4 x accum 1, batch 1 x accum 4 and
-2 processes x batch 2 produce the same gradients.
+2 processes x batch 2 produce the same gradients. One process, DDP, FSDP2 and DeepSpeed ZeRO-3 run
+the same loop; where they differ is `distributed.Strategy` (sharded models: every rank evaluates and
+joins the gathers of the adapter and optimizer state; rank 0 writes the files).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -16,13 +19,13 @@ import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import checkpoint as ckpt
+from . import distributed as dist
 from .collate import Collator, SampleError
 from .config import Settings, add_settings_args, load_settings_or_exit, settings_from_args, setup_logging
 from .dataset import Record, RecordError, load_records
@@ -160,11 +163,14 @@ def make_scheduler(optimizer, s: Settings, total_steps: int):
     )
 
 
-def build_model(s: Settings):
-    """Model (+ LoRA) and processor exactly as a hub id would load."""
+def build_model(s: Settings, shard_4bit: bool = False):
+    """Model (+ LoRA) and processor exactly as a hub id would load. `shard_4bit` (FSDP): store the
+    4-bit weights in bf16 so that FSDP shards them too (it shards floating tensors only)."""
     processor = load_processor(s.model_name, token=s.hub_token, image_tokens=s.image_tokens)
     precision = "bf16" if s.mixed_precision == "bf16" else "no"
-    model = load_model(s.model_name, precision=precision, qlora=s.use_qlora, token=s.hub_token)
+    model = load_model(
+        s.model_name, precision=precision, qlora=s.use_qlora, token=s.hub_token, quant_storage_bf16=shard_4bit
+    )
     if s.use_peft or s.use_qlora:
         model = apply_lora(
             model,
@@ -211,8 +217,9 @@ def filter_trainable_samples(records: list[Record], collator: Collator, name: st
 class MetricsLog:
     """OUTPUT_DIR/metrics.jsonl plus optional W&B / TensorBoard; a tracker failure never stops training."""
 
-    def __init__(self, s: Settings, output_dir: Path, resume_step: int, enabled: bool):
+    def __init__(self, s: Settings, output_dir: Path, resume_step: int, enabled: bool, run_id: str | None = None):
         self.enabled = enabled
+        self.run_id = run_id  # the W&B run to continue (stored in every checkpoint's trainer_state.json)
         self.path = output_dir / "metrics.jsonl"
         self.wandb = self.tb = None
         if not enabled:
@@ -225,14 +232,20 @@ class MetricsLog:
             try:
                 import wandb
 
+                # The key may live only in .env (Settings, not os.environ): it goes into this run's settings,
+                # never into os.environ (child processes) or wandb.login (which appends it to ~/.netrc).
+                settings = wandb.Settings(api_key=s.wandb_api_key) if s.wandb_api_key else None
                 self.wandb = wandb.init(
                     project=s.wandb_project,
                     entity=s.wandb_entity or None,
                     name=s.run_name or output_dir.name,
                     config=s.masked(),
                     mode=s.wandb_mode or None,
-                    resume="allow",
+                    id=run_id,
+                    resume="allow",  # offline the id is continued at `wandb sync`
+                    settings=settings,
                 )
+                self.run_id = self.wandb.id
             except Exception as exc:  # noqa: BLE001 - W&B unreachable must not stop training
                 log.warning("W&B disabled: %s", first_line(exc))
         elif s.report_to == "tensorboard":
@@ -267,7 +280,8 @@ class MetricsLog:
 
 @torch.no_grad()
 def evaluate(model, collator: Collator, records: list[Record], batch_size: int) -> dict[str, float]:
-    """Validation loss (token-normalised) and button accuracy from full-answer scoring."""
+    """Validation loss (token-normalised) and button accuracy from full-answer scoring, both over
+    `batch_size` samples per forward pass."""
     was_training = model.training
     model.eval()
     total, tokens = 0.0, 0
@@ -277,7 +291,10 @@ def evaluate(model, collator: Collator, records: list[Record], batch_size: int) 
         value, n = loss_sum(model, batch)
         total, tokens = total + float(value), tokens + n
     scorer = ButtonScorer(model, collator)
-    correct = sum(scorer.score_record(r).button == r.button for r in records)
+    correct = 0
+    for i in range(0, len(records), batch_size):
+        batch = records[i : i + batch_size]
+        correct += sum(s.button == r.button for s, r in zip(scorer.score_records(batch), batch))
     model.train(was_training)
     return {"eval/loss": total / max(tokens, 1), "eval/accuracy": correct / len(records)}
 
@@ -288,6 +305,13 @@ class StopFlag:
     def __init__(self):
         self.requested = False
 
+    def agreed(self, accelerator) -> bool:
+        """Stop when any process was asked to (the checkpoint save is collective: all stop together)."""
+        if accelerator.num_processes > 1:
+            flag = torch.tensor(int(self.requested), device=accelerator.device)
+            self.requested = bool(accelerator.reduce(flag, "sum"))
+        return self.requested
+
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
@@ -297,17 +321,26 @@ class StopFlag:
 
 
 def train(s: Settings, resume_from: str | None = None) -> Path:
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    accelerator = Accelerator(
-        mixed_precision=s.mixed_precision, cpu=not torch.cuda.is_available() and not torch.backends.mps.is_available()
-    )
-    world, rank = accelerator.num_processes, accelerator.process_index
+    # --- launch: checked against this machine, one precision, what it got logged and recorded
+    accelerator, strategy, launch = dist.setup(s.mixed_precision, qlora=s.use_qlora, peft=s.use_peft)
+    s = dataclasses.replace(s, mixed_precision=launch.precision)
+    precision = launch.precision
+    world, rank, is_main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     output_dir = Path(s.output_dir)
     if os.environ.get("WANDB_SWEEP_ID") and os.environ.get("WANDB_RUN_ID"):
         output_dir = output_dir / os.environ["WANDB_RUN_ID"]  # sweep runs share one command line
     set_seed(s.seed)
+
+    # --- the checkpoint to resume from, read and verified before the model is built
+    resume = None
+    if resume_from:
+        resume, skipped = ckpt.find_resume_checkpoint(resume_from, output_dir, rank, strategy.kind)
+        for line in skipped if is_main else []:
+            log.warning("%s", line)
+        if resume is None and is_main:
+            log.info("no checkpoint in %s: starting from scratch", output_dir)
 
     # --- data
     try:
@@ -319,8 +352,8 @@ def train(s: Settings, resume_from: str | None = None) -> Path:
         eval_records = eval_records[: s.eval_max_samples]
 
     # --- model
-    model, processor = build_model(s)
-    dtype = DTYPES["bf16"] if s.mixed_precision == "bf16" else torch.float32
+    model, processor = build_model(s, shard_4bit=strategy.kind == "fsdp")
+    dtype = DTYPES["bf16"] if precision == "bf16" else torch.float32
     collator = Collator(processor, s.max_seq_length, s.frame_layout, pixel_dtype=dtype)
     train_records = filter_trainable_samples(train_records, collator, "train")
     if eval_records:
@@ -330,44 +363,49 @@ def train(s: Settings, resume_from: str | None = None) -> Path:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=s.learning_rate, weight_decay=s.weight_decay)
     scheduler = make_scheduler(optimizer, s, plan.total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer, trainable = strategy.prepare(
+        model, optimizer, batch_size=s.batch_size, grad_accum=s.grad_accum, max_grad_norm=s.max_grad_norm
+    )
+    if is_main and strategy.sharded:
+        log.info("%s", strategy.describe(model))
 
     # --- resume
     state = {"step": 0, "best_accuracy": None, "best_step": None}
-    if resume_from:
-        path = ckpt.latest_checkpoint(output_dir) if resume_from == "latest" else Path(resume_from)
-        if path is None or not (path / ckpt.STATE_FILE).is_file():
-            if resume_from != "latest":
-                raise TrainingError(f"{resume_from}: not a finished checkpoint (no {ckpt.STATE_FILE})")
-            log.info("no checkpoint in %s: starting from scratch", output_dir)
-        else:
-            state = ckpt.load_checkpoint(path, accelerator.unwrap_model(model), optimizer, scheduler, rank)
-            log.info("resumed from %s at step %d", path, state["step"])
+    if resume is not None:
+        state = ckpt.restore(resume, model if strategy.sharded else accelerator.unwrap_model(model), optimizer,
+                             scheduler, strategy)  # fmt: skip
+        log.info("resumed from %s at step %d", resume.path, state["step"])
+    state["distributed"] = strategy.kind  # a checkpoint is resumed by the same kind of launch
 
     run_config = {
         **s.masked(),
         "dataset_sha256": file_sha256(s.dataset_path),
         "world_size": world,
+        "launch": launch.to_json(),
         "train_samples": len(train_records),
         "total_steps": plan.total_steps,
     }
-    if accelerator.is_main_process:
+    if is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(output_dir / "run_config.json", run_config)
-    metrics = MetricsLog(s, output_dir, state["step"], accelerator.is_main_process)
+    metrics = MetricsLog(s, output_dir, state["step"], is_main, run_id=state.get("wandb_run_id"))
+    if metrics.run_id:
+        state["wandb_run_id"] = metrics.run_id  # saved with every checkpoint: a resumed run continues it
     stop = StopFlag()
     stop.install()
 
-    bar = progress(
-        total=plan.total_steps,
-        initial=state["step"],
-        desc="train",
-        unit="step",
-        disable=not accelerator.is_main_process,
-    )
+    bar = progress(total=plan.total_steps, initial=state["step"], desc="train", unit="step", disable=not is_main)
     device = accelerator.device
     model.train()
     window = new_window()
+
+    def write_model(path: Path, info: dict) -> None:
+        """The adapter (gathered from every rank when sharded) + processor, written by rank 0."""
+        weights = strategy.trainable_state(model)
+        on_main_then_agree(
+            accelerator,
+            lambda: save_final(accelerator.unwrap_model(model), processor, path, run_config, info, weights),
+        )
 
     def save(step: int) -> None:
         rngs = [ckpt.rng_state()]
@@ -375,19 +413,28 @@ def train(s: Settings, resume_from: str | None = None) -> Path:
             from accelerate.utils import gather_object
 
             rngs = gather_object(rngs)
-        if accelerator.is_main_process:
-            ckpt.save_checkpoint(
+        weights = strategy.trainable_state(model)
+        optimizer_state = strategy.optimizer_state(model, optimizer)
+        engine_dir = engine_staging_dir(accelerator, output_dir, step) if strategy.kind == "deepspeed" else None
+        if engine_dir is not None:
+            strategy.save_engine(model, engine_dir)
+            accelerator.wait_for_everyone()
+        on_main_then_agree(
+            accelerator,
+            lambda: ckpt.save_checkpoint(
                 output_dir,
                 step,
                 accelerator.unwrap_model(model),
-                optimizer,
+                optimizer_state,
                 scheduler,
                 {**state, "step": step, "epoch": step / plan.steps_per_epoch},
                 run_config,
                 rngs,
                 s.save_total_limit,
-            )
-        accelerator.wait_for_everyone()
+                trainable_state=weights,
+                engine_dir=engine_dir,
+            ),
+        )
 
     loader = iter(
         torch.utils.data.DataLoader(
@@ -405,9 +452,8 @@ def train(s: Settings, resume_from: str | None = None) -> Path:
     while state["step"] < plan.total_steps:
         step = state["step"]
         micro = [next(loader) for _ in range(s.grad_accum)]
-        step_loss, n_step = backward_step(accelerator, model, micro)
-        if s.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(trainable, s.max_grad_norm)
+        step_loss, n_step = backward_step(accelerator, model, micro, strategy)
+        strategy.clip(trainable, s.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -443,69 +489,94 @@ def train(s: Settings, resume_from: str | None = None) -> Path:
             window = new_window()
         if eval_records and ((s.eval_steps > 0 and step % s.eval_steps == 0) or step == plan.total_steps):
             eval_start = time.perf_counter()
-            if accelerator.is_main_process:
-                results = evaluate(accelerator.unwrap_model(model), collator, eval_records, s.eval_batch_size)
-                row = {"step": step, **row, **results}
-                bar.write(f"step {step}: eval loss {results['eval/loss']:.4f}, accuracy {results['eval/accuracy']:.3f}")
-                if state["best_accuracy"] is None or results["eval/accuracy"] > state["best_accuracy"]:
-                    state["best_accuracy"], state["best_step"] = results["eval/accuracy"], step
-                    save_final(
-                        accelerator.unwrap_model(model),
-                        processor,
-                        output_dir / "best",
-                        run_config,
-                        {"step": step, **results},
-                    )
-            accelerator.wait_for_everyone()
-            state["best_accuracy"], state["best_step"] = _broadcast_best(accelerator, state)
+            results = None
+            if is_main or strategy.sharded:  # a sharded model: every rank runs the same forwards
+                with strategy.evaluating(model):
+                    results = evaluate(strategy.eval_model(model), collator, eval_records, s.eval_batch_size)
+            results = from_main(accelerator, results)
+            row = {"step": step, **row, **results}
+            bar.write(f"step {step}: eval loss {results['eval/loss']:.4f}, accuracy {results['eval/accuracy']:.3f}")
+            if state["best_accuracy"] is None or results["eval/accuracy"] > state["best_accuracy"]:
+                state["best_accuracy"], state["best_step"] = results["eval/accuracy"], step
+                write_model(output_dir / "best", {"step": step, **results})
             window["start"] += time.perf_counter() - eval_start  # throughput excludes eval time
         if row:
             metrics.log(row)
-        if (s.save_steps > 0 and step % s.save_steps == 0) or stop.requested:
+        stopping = stop.agreed(accelerator)
+        if (s.save_steps > 0 and step % s.save_steps == 0) or stopping:
             save(step)
-        if stop.requested:
+        if stopping:
             log.warning("stop requested: checkpoint saved at step %d, exiting", step)
             break
 
     bar.close()
     metrics.close()
-    if accelerator.is_main_process and not stop.requested:
-        save_final(
-            accelerator.unwrap_model(model),
-            processor,
+    if strategy.kind == "deepspeed" and is_main:
+        log.info("DeepSpeed engine steps %d, loop steps %d", model.global_steps, state["step"])
+    if not stop.requested:
+        write_model(
             output_dir,
-            run_config,
             {"step": state["step"], "best_accuracy": state["best_accuracy"], "best_step": state["best_step"]},
         )
-        log.info("saved %s (final) and %s (best at step %s)", output_dir, output_dir / "best", state["best_step"])
+        if is_main:
+            log.info("saved %s (final) and %s (best at step %s)", output_dir, output_dir / "best", state["best_step"])
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return output_dir
 
 
-def _broadcast_best(accelerator, state) -> tuple:
+def from_main(accelerator, value):
+    """The main process's value on every process."""
     if accelerator.num_processes == 1:
-        return state["best_accuracy"], state["best_step"]
+        return value
     from accelerate.utils import broadcast_object_list
 
-    return tuple(broadcast_object_list([state["best_accuracy"], state["best_step"]]))
+    return broadcast_object_list([value])[0]
 
 
-def backward_step(accelerator, model, micro: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
+def on_main_then_agree(accelerator, write) -> None:
+    """Run `write` (files) on the main process; if it fails, every process raises the same one-line
+    CheckpointError, so no rank is left waiting at a barrier for a rank that gave up."""
+    error = None
+    if accelerator.is_main_process:
+        try:
+            write()
+        except ckpt.CheckpointError as exc:
+            error = str(exc)
+    error = from_main(accelerator, error)
+    if error:
+        raise ckpt.CheckpointError(error)
+
+
+def engine_staging_dir(accelerator, output_dir: Path, step: int) -> Path:
+    """Where every rank writes DeepSpeed's partitioned files before rank 0 moves them into checkpoint-N/;
+    named like a staging folder of rank 0's process, so a killed run's leftovers are cleaned up."""
+    import shutil
+
+    pid = from_main(accelerator, os.getpid())
+    folder = output_dir / f".checkpoint-{step}.deepspeed-{pid}"
+    if accelerator.is_main_process:
+        shutil.rmtree(folder, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return folder
+
+
+def backward_step(accelerator, model, micro: list[dict[str, torch.Tensor]], strategy=None) -> tuple[float, int]:
     """Backward over one optimizer step's micro-batches; returns (this process's CE sum, step tokens).
 
     Each micro-batch's loss is CE_sum * world / N_step, where N_step counts the labelled tokens of
-    the whole step on every process: DDP's gradient average then yields sum(CE) / N_step exactly."""
+    the whole step on every process: DDP's (and FSDP's, DeepSpeed's) gradient average then yields
+    sum(CE) / N_step exactly."""
+    strategy = strategy or dist.Strategy(accelerator)
     world, device = accelerator.num_processes, accelerator.device
     n_local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
     n_step = int(accelerator.reduce(torch.tensor(n_local, device=device), "sum")) if world > 1 else n_local
     step_loss = 0.0
     for k, batch in enumerate(micro):
         batch = {key: v.to(device) for key, v in batch.items()}
-        last = k == len(micro) - 1
-        with nullcontext() if last else accelerator.no_sync(model), accelerator.autocast():
+        with strategy.micro_batch(model, last=k == len(micro) - 1), accelerator.autocast():
             value, _ = loss_sum(model, batch)
-            accelerator.backward(value * world / n_step)
+            strategy.backward(value * world / n_step)
         step_loss += float(value.detach())
     return step_loss, n_step
 
@@ -514,13 +585,16 @@ def new_window() -> dict:
     return {"loss": 0.0, "steps": 0, "tokens": 0, "samples": 0, "start": time.perf_counter()}
 
 
-def save_final(model, processor, path: Path, run_config: dict, info: dict) -> None:
+def save_final(model, processor, path: Path, run_config: dict, info: dict, state_dict: dict | None = None) -> None:
     """Adapter (or model) + processor, moved in beside any existing files (OUTPUT_DIR also holds
-    checkpoints and metrics) only once all of them are written."""
-    with staged_dir(path, tag="final", merge=True) as tmp:
-        ckpt.save_weights(model, tmp, processor)
-        atomic_write_json(tmp / "run_config.json", run_config)
-        atomic_write_json(tmp / "training_info.json", info)
+    checkpoints and metrics) only once all of them are written. `state_dict`: gathered from shards."""
+    try:
+        with staged_dir(path, tag="final", merge=True) as tmp:
+            ckpt.save_weights(model, tmp, processor, state_dict=state_dict)
+            atomic_write_json(tmp / "run_config.json", run_config)
+            atomic_write_json(tmp / "training_info.json", info)
+    except (OSError, RuntimeError) as exc:
+        raise ckpt.CheckpointError(ckpt.explain_write_error(exc, path)) from None
 
 
 def peak_memory() -> dict[str, float]:
@@ -538,6 +612,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(s)
     try:
         train(s, args.resume_from_checkpoint)
+    except dist.LaunchError as exc:
+        if os.environ.get("RANK", "0") == "0":  # every rank refuses for the same reason: say it once
+            print(f"error: {exc}", file=sys.stderr)
+        return 1
     except (TrainingError, ModelLoadError, SampleError, ckpt.CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -13,6 +13,7 @@ Every finding is an Issue; any error makes the run fail (exit 1), warnings do no
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -536,7 +537,16 @@ def check_environment(s: Settings, stats: dict, report: Report) -> None:
 
 # --------------------------------------------------------------------------- driver
 def validate(s: Settings, files: dict[str, Path], encode_samples: int = 8) -> Report:
+    from .distributed import precision_for
+
     report = Report()
+    try:  # the training loop's own resolution: CLI > environment > .env > accelerate config > device default
+        precision, source = precision_for(s.mixed_precision)
+        s = dataclasses.replace(s, mixed_precision=precision)
+        report.data["precision"] = {"mixed_precision": precision, "from": source}
+    except ValueError as exc:
+        report.error("environment", "MIXED_PRECISION", str(exc), "use no, bf16 or fp16")
+        s = dataclasses.replace(s, mixed_precision="no")
     by_split = {name: read_split(name, path, report) for name, path in files.items()}
     rows = [r for split_rows in by_split.values() for r in split_rows]
     report.checks["records"] = ", ".join(f"{n}: {len(r)} valid" for n, r in by_split.items())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import signal
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
@@ -119,3 +120,34 @@ def bomb_png(path: Path, width: int = 30000, height: int = 30000) -> Path:
     ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", bytes(idat)) + chunk(b"IEND", b""))
     return path
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a launcher and every process under it, by pid (torchrun's workers outlive their launcher);
+    only processes this test started are touched."""
+    import psutil
+
+    try:
+        victims = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for victim in victims:
+        try:
+            victim.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(victims, timeout=30)
+
+
+def run_tree(cmd, cwd, env, timeout: float) -> subprocess.CompletedProcess:
+    """subprocess.run for `accelerate launch`: on a timeout (or a test interrupted) the launcher and all its
+    workers are killed, not the launcher alone. Returns the CompletedProcess (stdout/stderr as text)."""
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc.pid)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

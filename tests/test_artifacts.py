@@ -38,6 +38,12 @@ def test_kind_of_each_folder(tmp_path):
     with pytest.raises(BackendError, match="is an MLX export"):
         choose_backend(str(folders["mlx"]), "torch")
     assert choose_backend(str(folders["mlx"])) == "mlx" and choose_backend(str(folders["merged"])) == "torch"
+    assert choose_backend(str(folders["gguf"])) == "gguf" and choose_backend(str(folders["gguf"]), "gguf") == "gguf"
+    for other in ("torch", "mlx"):
+        with pytest.raises(BackendError, match="is a GGUF export"):
+            choose_backend(str(folders["gguf"]), other)
+    with pytest.raises(BackendError, match="is not a GGUF export"):
+        choose_backend(str(folders["merged"]), "gguf")
 
 
 def test_adapter_resolves_to_its_base(tmp_path):

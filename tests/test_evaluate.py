@@ -167,6 +167,20 @@ def test_score_and_generate_agree_on_a_confident_model(confident_model_dir, data
     assert batched["json_valid_rate"] == 1.0 and batched["batch_size"] == 2
 
 
+def test_batched_score_mode_equals_one_at_a_time(tiny_model_dir, dataset, tmp_path):
+    """--batch_size 4 over 6 samples (a full batch and a partial one; contexts of 3 lengths, so the
+    prompts are padded): the same predictions and probabilities (1e-5) as one sample per call."""
+    one = run_eval(tiny_model_dir, dataset, tmp_path / "b1")
+    four = run_eval(tiny_model_dir, dataset, tmp_path / "b4", batch_size=4)
+    read = lambda d: [json.loads(x) for x in (tmp_path / d / "predictions.jsonl").read_text().splitlines()]  # noqa: E731
+    rows1, rows4 = read("b1"), read("b4")
+    assert [r["sample_id"] for r in rows1] == [r["sample_id"] for r in rows4] and len(rows4) == 6
+    assert [r["predicted"] for r in rows1] == [r["predicted"] for r in rows4]
+    for r1, r4 in zip(rows1, rows4):
+        assert all(abs(r1["probabilities"][b] - r4["probabilities"][b]) <= 1e-5 for b in BUTTONS), r1["sample_id"]
+    assert four["batch_size"] == 4 and four["accuracy"] == one["accuracy"]
+
+
 def test_output_that_is_not_json_counts_as_invalid(tiny_model_dir, dataset, tmp_path):
     report = run_eval(tiny_model_dir, dataset, tmp_path / "gen", mode="generate", max_new_tokens=12)
     assert report["n"] == 6

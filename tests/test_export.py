@@ -106,6 +106,7 @@ def test_merge_equals_adapter_and_writes_manifest(base_dir, adapter_dir, merged_
     assert manifest["verification"]["passed"] and manifest["verification"]["max_abs_logit_diff"] < 1e-4
     assert manifest["verification"]["adapter_effect"] > 1e-2  # the trained adapter does move the base
     assert manifest["frame_layout"] is None and manifest["adapter_trained_with_qlora"] is None  # no run_config.json
+    assert manifest["tensors_renamed_to_hub_names"] == 0  # the base has the hub's names, so does the merge
     # every tokenizer file of the base, tokenizer.model included (byte for byte)
     assert (merged_dir / "tokenizer.model").read_bytes() == (base_dir / "tokenizer.model").read_bytes()
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "processor_config.json"):
@@ -172,6 +173,26 @@ def test_merge_errors_are_one_line(base_dir, adapter_dir, merged_dir, tmp_path, 
         common.check_free_disk(tmp_path, 10**18)
 
 
+def test_flat_folder_gets_hub_names_in_the_mlx_staging_copy(merged_dir, tmp_path):
+    """The safety net for folders saved flat (an older tiny builder): renamed in the copy only."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    flat = tmp_path / "flat"
+    shutil.copytree(merged_dir, flat)
+    for shard in flat.glob("*.safetensors"):
+        tensors = load_file(shard)
+        save_file({k.replace("vision_tower.vision_model.", "vision_tower."): v for k, v in tensors.items()}, shard)
+    work = tmp_path / "work"
+    work.mkdir()
+    fixes = mlx_fixes.prepare_mlx_source(flat, work)
+    assert "fix_vision_tower_prefix" in {f["fix"] for f in fixes}
+    with safe_open(next(work.glob("*.safetensors")), "pt") as fh:
+        assert all(not k.startswith("vision_tower.") or k.startswith("vision_tower.vision_model.") for k in fh.keys())
+    with safe_open(next(flat.glob("*.safetensors")), "pt") as fh:  # the source is untouched
+        assert any(k.startswith("vision_tower.embeddings.") for k in fh.keys())
+
+
 def test_config_fixes_are_noops_when_not_needed():
     config = {
         "model_type": "gemma3",
@@ -228,16 +249,9 @@ def mlx_fp32_dir(merged_dir) -> Path:
 def test_fp32_export_matches_pytorch(mlx_fp32_dir, merged_dir):
     manifest = json.loads((mlx_fp32_dir / artifacts.MLX_MANIFEST).read_text())
     applied = {f["fix"] for f in manifest["fixes_applied"]}
-    assert (
-        applied
-        == set(get_family("gemma3").mlx_fixes)
-        == {
-            "fix_mm_tokens_in_text_config",
-            "fix_top_level_hidden_size",
-            "fix_rope_parameters",
-            "fix_vision_tower_prefix",
-        }
-    )
+    # the merged folder has the hub's weight names: only the config fixes are needed
+    assert applied == {"fix_mm_tokens_in_text_config", "fix_top_level_hidden_size", "fix_rope_parameters"}
+    assert set(get_family("gemma3").mlx_fixes) == applied | {"fix_vision_tower_prefix"}
     config = json.loads((mlx_fp32_dir / "config.json").read_text())
     assert config["hidden_size"] == 128 and config["text_config"]["mm_tokens_per_image"] == 16
     assert config["text_config"]["rope_scaling"] == {"rope_type": "linear", "factor": 8.0}
@@ -316,6 +330,15 @@ def test_4bit_export_generates_and_its_reported_agreement_is_recomputed(base_dir
     assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 4
     assert "vs PyTorch with token_type_ids" in captured.out
     assert manifest["verification"]["logits"]["max_abs_diff"] <= 1e-3  # the unquantised fixed weights
+    # a refusal's one error line names the figure (k/n vs the 90% required) and the remedy
+    assert buttons["agreed"] == round(buttons["agreement_vs_pytorch_causal"] * 8)
+    forced = json.loads(json.dumps(manifest["verification"]))
+    forced["passed"] = forced["buttons"]["passed"] = False
+    reason = mlx.refusal(forced, 4, out)
+    assert f"MLX export (4-bit) failed verification: its buttons agree with PyTorch on {buttons['agreed']}/8 " in reason
+    assert "required 90%" in reason and "--quantization_bits 8 or none" in reason and "--no-verify" in reason
+    if rc == 1:
+        assert reason in captured.err
 
     from pokemon_gemma.backends.mlx_backend import MlxButtonScorer, import_mlx_vlm
     from pokemon_gemma.scoring import ButtonScorer

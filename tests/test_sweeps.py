@@ -121,3 +121,37 @@ def test_create_sweep_without_key_is_one_clear_line_and_dry_run_needs_none():
     assert dry.returncode == 0
     assert '"program": "scripts/sft_pokemon_gemma3.py"' in dry.stdout
     assert "wandb agent team/pg-test/<sweep_id>" in dry.stdout
+
+
+ACCELERATE_COMMAND = """command:
+  - ${env}
+  - ${interpreter}
+  - -m
+  - accelerate.commands.launch
+  - --config_file
+  - CONFIG
+  - ${program}
+  - ${args}
+"""
+
+
+@pytest.mark.parametrize(
+    "config,expected",
+    [
+        ("accelerate_configs/multi_gpu.yaml", None),
+        ("accelerate_configs/fsdp.yaml", None),
+        ("accelerate_configs/nope.yaml", "accelerate config accelerate_configs/nope.yaml does not exist"),
+    ],
+)
+def test_multi_gpu_sweep_command_through_accelerate_launch(tmp_path, parser, config, expected):
+    """A sweep whose runs each use several GPUs: the agent starts `accelerate launch ... ${program} ${args}`."""
+    text = CONFIG.read_text()
+    start, end = text.index("\ncommand:") + 1, text.index("\nearly_terminate:") + 1
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(text[:start] + ACCELERATE_COMMAND.replace("CONFIG", config) + text[end:])
+    errors = validate_sweep(load_sweep(sweep), parser)
+    if expected is None:
+        assert errors == []
+    else:
+        assert len(errors) == 1 and expected in errors[0] and errors[0].startswith(f"error: {sweep}:")
+        assert "command:" in sweep.read_text().splitlines()[int(errors[0].split(":")[2]) - 1]

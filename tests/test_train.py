@@ -17,7 +17,7 @@ from pokemon_gemma.artifacts import model_type
 from pokemon_gemma.collate import IGNORE_INDEX, Collator, SampleError
 from pokemon_gemma.dataset import QUESTION, Record, load_records, make_output
 from tests.conftest import REPO_ROOT
-from tests.helpers import write_dataset
+from tests.helpers import run_tree, write_dataset
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "offline"}
 
@@ -139,7 +139,7 @@ def _grads(tiny_model_dir, dataset, batch, accum, out, processes=1):
             str(processes),
             *probe,
         ]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    proc = run_tree(cmd, REPO_ROOT, ENV, timeout=300)  # a 2-process launch: killed as a tree on a timeout
     assert proc.returncode == 0, proc.stderr[-2000:]
     return torch.load(out)
 
@@ -353,7 +353,7 @@ def test_two_process_run_ends_with_the_one_process_adapter(tiny_model_dir, data,
         "2",
         *train_cmd(tiny_model_dir, train, val, out, *common, "--batch_size", "1")[1:],
     ]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    proc = run_tree(cmd, REPO_ROOT, ENV, timeout=600)  # killed as a tree on a timeout
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "run_config.json").read_text())["world_size"] == 2
     assert (out / "checkpoint-3" / "rng_state_1.pth").is_file()  # each process's RNG is saved

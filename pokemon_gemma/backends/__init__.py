@@ -2,6 +2,7 @@
 verification) talk to a `Backend` and never to torch, MLX or llama.cpp directly.
 
     backend.score(frames, context, question, features=None) -> ButtonScores   # the 8 full answers
+    backend.score_batch([ScoreItem(frames, context, question, features), ...]) -> [ButtonScores]
     backend.generate(frames, context, question, max_new_tokens) -> str        # greedy answer text
     backend.generate_batch([(frames, context, question), ...], max_new_tokens) -> [str]
     backend.encode_frames(images) -> [per-frame features]   # when supports_features (server cache)
@@ -11,8 +12,12 @@ verification) talk to a `Backend` and never to torch, MLX or llama.cpp directly.
     backend.count_tokens(text) -> int
     backend.frame_input() -> ((width, height), resample) | None   # what the image processor resizes to
 
-`frames` are the 4 decoded PIL frames, oldest first. `load_backend` picks the backend from the
-folder (an MLX export gets MLX, anything else torch) and resolves an adapter folder to its base.
+`frames` are the 4 decoded PIL frames, oldest first; `features` are per-frame vision features from
+`encode_frames` (or None: the backend runs the vision tower). `score` is the one-item case of
+`score_batch`; `batched_scoring` says whether a batch runs as one model pass (torch: one prompt pass
+and one answer pass for the whole batch) or item by item (MLX, GGUF). `load_backend` picks the
+backend from the folder (an MLX export gets MLX, a GGUF export llama.cpp, anything else torch) and
+resolves an adapter folder to its base.
 """
 
 from __future__ import annotations
@@ -23,12 +28,12 @@ from typing import Any, Protocol
 
 from PIL import Image
 
-from ..artifacts import ArtifactError, is_mlx_export, resolve_model
+from ..artifacts import ArtifactError, is_gguf_export, is_mlx_export, resolve_model
 from ..artifacts import frame_layout as recorded_frame_layout
 from ..errors import first_line
-from ..scoring import ButtonScores, Generation
+from ..scoring import ButtonScores, Generation, ScoreItem
 
-BACKENDS = ("auto", "torch", "mlx")
+BACKENDS = ("auto", "torch", "mlx", "gguf")
 
 
 class BackendError(RuntimeError):
@@ -36,11 +41,12 @@ class BackendError(RuntimeError):
 
 
 class Backend(Protocol):
-    name: str  # what runs the model: "torch" | "mlx"
+    name: str  # what runs the model: "torch" | "mlx" | "gguf"
     kind: str  # what the folder is (artifacts.KINDS)
     model_version: str
     frame_layout: str
     supports_features: bool  # per-frame vision features (encode_frames / score(features=...))
+    batched_scoring: bool  # score_batch runs the batch as one model pass (else item by item)
     base_model: str | None
     adapter_path: str | None
 
@@ -51,6 +57,8 @@ class Backend(Protocol):
     def score(
         self, frames: list[Image.Image], context: str, question: str, features: list[Any] | None = None
     ) -> ButtonScores: ...
+
+    def score_batch(self, items: list[ScoreItem]) -> list[ButtonScores]: ...
 
     def generate(self, frames: list[Image.Image], context: str, question: str, max_new_tokens: int = 96) -> str: ...
 
@@ -80,7 +88,7 @@ def model_version(model_path: str, adapter_path: str | None = None) -> str:
         for name in ("config.json", "adapter_config.json"):
             if (path / name).is_file():
                 digest.update((path / name).read_bytes())
-        for weights in sorted(list(path.glob("*.safetensors")) + list(path.glob("*.npz"))):
+        for weights in sorted([*path.glob("*.safetensors"), *path.glob("*.npz"), *path.glob("*.gguf")]):
             digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
     return f"{Path(adapter_path or model_path).name}-{digest.hexdigest()[:12]}"
 
@@ -89,9 +97,13 @@ def choose_backend(model: str, backend: str = "auto") -> str:
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend {backend!r} (use one of: {', '.join(BACKENDS)})")
     if backend == "auto":
-        return "mlx" if is_mlx_export(model) else "torch"
-    if backend == "torch" and is_mlx_export(model):
+        return "mlx" if is_mlx_export(model) else "gguf" if is_gguf_export(model) else "torch"
+    if backend != "mlx" and is_mlx_export(model):
         raise BackendError(f"{model} is an MLX export (use --backend mlx)")
+    if backend != "gguf" and is_gguf_export(model):
+        raise BackendError(f"{model} is a GGUF export (use --backend gguf)")
+    if backend == "gguf" and not is_gguf_export(model):
+        raise BackendError(f"{model} is not a GGUF export (make one with scripts/convert_to_gguf.py)")
     return backend
 
 
@@ -125,6 +137,12 @@ def load_backend(
             from .mlx_backend import MlxBackend
 
             return MlxBackend(ref.model, frame_layout=layout, max_seq_length=max_seq_length, version=version)
+        if name == "gguf":
+            if ref.adapter:
+                raise BackendError("an adapter cannot be put on a GGUF export (merge the adapter, then export)")
+            from .gguf_backend import GgufBackend
+
+            return GgufBackend(ref.model, frame_layout=layout, max_seq_length=max_seq_length, version=version)
         from .torch_backend import TorchBackend
 
         return TorchBackend(
@@ -167,21 +185,45 @@ class ScorerBackend:
         self._stack = stack
         # A 2x2 grid image depends on all 4 frames: only separate images have per-frame features.
         self.supports_features = frame_layout == "images"
+        self.batched_scoring = getattr(scorer, "batched_scoring", True)
+        # Tokenizer results, oldest first: an agent's requests repeat their context and question, and
+        # tokenizing on every request would cost the server a sizeable share of a small model's time.
+        self._tokenized: dict[tuple, Any] = {}
+
+    def _cached(self, key: tuple, compute):
+        """compute(), remembered under `key` (256 kept; an exception is not remembered)."""
+        if key not in self._tokenized:
+            self._tokenized[key] = compute()
+            if len(self._tokenized) > 256:
+                self._tokenized.pop(next(iter(self._tokenized)))
+        return self._tokenized[key]
 
     def fit_context(self, context: str, question: str) -> str:
+        """Cached: an agent's requests repeat their context and question (a rejection is not cached)."""
         from ..dataset import BUTTONS
         from ..scoring import answer_prefix
 
         longest = max((answer_prefix(b) for b in BUTTONS), key=len)
-        return self.collator.fit_context(context, question, longest, "request")[0]
+        return self._cached(
+            ("fit", context, question), lambda: self.collator.fit_context(context, question, longest, "request")[0]
+        )
 
     def encode_frames(self, images: list[Image.Image]) -> list[Any]:
         features = self.scorer.image_features(images)
         return [features[i] for i in range(len(images))]
 
     def score(self, frames, context, question, features=None) -> ButtonScores:
-        stacked = self._stack(features) if features is not None else None
-        return self.scorer.score(frames, context, question, features=stacked)
+        return self.score_batch([ScoreItem(frames, context, question, features)])[0]
+
+    def score_batch(self, items: list[ScoreItem]) -> list[ButtonScores]:
+        """Items' `features` are per-frame lists (as `encode_frames` gives them); the scorer takes them stacked."""
+        stacked = [
+            item
+            if item.features is None
+            else ScoreItem(item.frames, item.context, item.question, self._stack(item.features))
+            for item in items
+        ]
+        return self.scorer.score_batch(stacked)
 
     def generate(self, frames, context, question, max_new_tokens: int = 96) -> str:
         return self.scorer.generate(frames, context, question, max_new_tokens=max_new_tokens)
@@ -193,10 +235,17 @@ class ScorerBackend:
         return self.scorer.generate_batch_details([(frames, context, question)], max_new_tokens=max_new_tokens)[0]
 
     def prompt_tokens(self, context: str, question: str) -> int:
-        return len(self.collator.expanded_ids(self.collator.prompt_text(context, question)))
+        return self._cached(
+            ("prompt", context, question),
+            lambda: len(self.collator.expanded_ids(self.collator.prompt_text(context, question))),
+        )
 
     def count_tokens(self, text: str) -> int:
-        return len(self.collator.tokenizer(text, add_special_tokens=False)["input_ids"])
+        # Only the 8 answers a score request sends back are counted here, so the cache stays small.
+        return self._cached(("count", text), lambda: len(self.tokenize(text)))
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.collator.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def frame_input(self) -> tuple[tuple[int, int], int] | None:
         """((width, height), resample) the image processor resizes every image to; None when it keeps

@@ -23,7 +23,7 @@ from PIL import Image
 
 from ..collate import Collator
 from ..dataset import BUTTONS
-from ..scoring import ButtonScorer, ButtonScores, Generation, _common_prefix_length, answer_prefix, answer_start
+from ..scoring import ButtonScorer, ButtonScores, Generation, PromptIds, ScoreItem
 from . import ScorerBackend, model_version
 
 MLX_DTYPES = ("float32", "bfloat16", "float16")
@@ -198,32 +198,54 @@ class MlxButtonScorer(ButtonScorer):
         out = self._forward(ids, features)
         return np.array(out[0].astype(mx.float32))
 
-    def score(self, frames: list[Image.Image], context: str, question: str, features=None) -> ButtonScores:
-        """Score the 8 answers for 4 frames; `features` (from `image_features`) skips the vision tower."""
+    # mlx-vlm's Gemma 3 takes one attention mask for every layer, global and sliding alike, and one
+    # RoPE offset for the whole batch. A left-padded batch needs per-row positions and, once a prompt
+    # is longer than the sliding window (every 4-frame prompt of a real model: ~1100 tokens against
+    # 1024), different masks for global and sliding layers; neither can be passed. So a batch shares
+    # one vision-tower call and then runs its language model item by item.
+    batched_scoring = False
+
+    def score_batch(self, items: list[ScoreItem]) -> list[ButtonScores]:
+        """Score the 8 answers of every item: the frames of items without `features` go through the
+        vision tower in one call, then each item's prompt and answers run on their own."""
         import mlx.core as mx
 
-        images = self.collator.images_for([], frames)
-        sizes = [im.size for im in images]
-        prompt = self.collator.prompt_text(context, question)
-        full = [self.collator.expanded_ids(prompt + answer_prefix(b), sizes) for b in BUTTONS]
-        shared = _common_prefix_length(full)
-        start = answer_start(self.collator, prompt, full, shared, sizes)
-        prefix = mx.array([full[0][:shared]])
-        self.collator._check("scoring prompt", _as_torch(full[0][:shared]), sizes)
-        if features is None:
-            features = self.image_features(images)
+        missing = [item for item in items if item.features is None]
+        if missing:
+            images = [self.collator.images_for([], item.frames) for item in missing]
+            encoded = self.image_features([im for ims in images for im in ims])
+            start, features = 0, {}
+            for item, ims in zip(missing, images):
+                features[id(item)] = encoded[start : start + len(ims)]
+                start += len(ims)
+            mx.eval(encoded)
+        else:
+            features = {}
+        return [
+            self._score_one(
+                self.prompt_ids(item.context, item.question, self.collator.frame_sizes(item.frames)),
+                features.get(id(item), item.features),
+            )
+            for item in items
+        ]
+
+    def _score_one(self, prompt: PromptIds, features) -> ButtonScores:
+        import mlx.core as mx
+
+        prefix = mx.array([list(prompt.prefix)])
         cache = self.model.language_model.make_cache()
         out = self._forward(prefix, features, cache)
-        kept = out[0, start - 1 :].astype(mx.float32)  # the answers' shared opening and the first distinct token
+        kept = out[0, -prompt.opening - 1 :].astype(mx.float32)  # the answers' shared opening and first distinct token
         prefix_logprobs = np.array(kept - mx.logsumexp(kept, axis=-1, keepdims=True))
-        opening = sum(float(prefix_logprobs[j, token]) for j, token in enumerate(full[0][start:shared]))
-        tails = [ids[shared:] for ids in full]
+        opening_ids = prompt.prefix[len(prompt.prefix) - prompt.opening :]
+        opening = sum(float(prefix_logprobs[j, token]) for j, token in enumerate(opening_ids))
+        tails = prompt.tails
         scores = {b: opening + float(prefix_logprobs[-1, t[0]]) for b, t in zip(BUTTONS, tails)}
         width = max(len(t) for t in tails) - 1
         if width > 0:
             # Right padding is harmless: with causal attention no scored token sees a pad.
             pad = self.tokenizer.pad_token_id
-            inputs = mx.array([t[:-1] + [pad] * (width - len(t) + 1) for t in tails])
+            inputs = mx.array([list(t[:-1]) + [pad] * (width - len(t) + 1) for t in tails])
             logits = self.model.language_model(inputs, cache=_repeat_cache(cache, len(BUTTONS))).logits
             logits = logits.astype(mx.float32)
             logprobs = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))

@@ -3,11 +3,12 @@
 Writes OUTPUT_DIR/eval_report.json (metrics, per-button scores, confusion matrix, accuracy per
 scene context, latency, baselines), eval_report.md, predictions.jsonl, confusion_matrix.png and
 accuracy_by_context.png. The model may be a hub id or folder (base or merged), a LoRA adapter
-folder (its base is loaded), or an MLX export (folder with export_manifest.json).
+folder (its base is loaded), an MLX export (folder with export_manifest.json) or a GGUF export
+(folder with gguf_manifest.json, scored with llama.cpp).
 
     python scripts/evaluate.py --model_name models/pokemon-gemma-lora --dataset_path training_data/test.jsonl \\
         --output_dir eval/lora
-    python scripts/evaluate.py --compare eval/lora eval/merged eval/mlx
+    python scripts/evaluate.py --compare eval/lora eval/merged eval/mlx eval/gguf
 """
 
 import argparse
@@ -45,8 +46,8 @@ def build_parser(settings) -> argparse.ArgumentParser:
         "--batch_size",
         type=int,
         default=1,
-        help="samples per generate() call in generate mode (score mode scores one sample at a "
-        "time: its 8 answers already share one prompt pass)",
+        help="samples per model call: score mode scores them in one prompt pass and one answer pass, "
+        "generate mode generates them together (left-padded)",
     )
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
     parser.add_argument(
@@ -69,9 +70,10 @@ def build_parser(settings) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--backend",
-        choices=("auto", "torch", "mlx"),
+        choices=("auto", "torch", "mlx", "gguf"),
         default="auto",
-        help="auto: mlx when the model folder has export_manifest.json, else torch",
+        help="auto: mlx when the model folder has export_manifest.json, gguf (llama.cpp) when it has "
+        "gguf_manifest.json, else torch",
     )
     add_settings_args(parser, settings, ["mixed_precision"])
     parser.add_argument("--max_new_tokens", type=int, default=96, help="generation budget in generate mode")
@@ -98,6 +100,8 @@ def main(argv=None) -> int:
         if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
             parser.error("--batch_size and --limit must be at least 1")
         setup_logging(settings)
+        from pokemon_gemma.distributed import precision_for
+
         cfg = ev.EvalConfig(
             model_name=args.model_name,
             adapter_path=args.adapter_path,
@@ -110,7 +114,7 @@ def main(argv=None) -> int:
             frame_layout=args.frame_layout,
             default_frame_layout=settings.frame_layout,
             backend=args.backend,
-            precision=args.mixed_precision,
+            precision=precision_for(args.mixed_precision)[0],  # same resolution as training
             max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size,
         )

@@ -7,8 +7,10 @@ converter runs offline (HF_HUB_OFFLINE=1) in a subprocess.
 
 --verify (default on): MLX float32 logits vs PyTorch without token_type_ids within 1e-3 on fixed
 samples; with quantisation the button the export picks agrees with PyTorch's on >= 90% of a fixed
-eval set. Agreement with PyTorch *with* token_type_ids (bidirectional attention inside images, as in
-training; mlx-vlm is causal there) is printed too. Exit 1 when a check fails.
+eval set (32 samples by default: --verify_data's first records, topped up with fixed demo samples).
+Agreement with PyTorch *with* token_type_ids (bidirectional attention inside images, as in
+training; mlx-vlm is causal there) is printed too. Exit 1 when a check fails, with the figure
+(k/n agreed vs the 90% required) and the remedy (--quantization_bits 8|none, or --no-verify).
 
     python scripts/convert_to_mlx.py --model_path models/pokemon-gemma-merged \\
         --output_path models/pokemon-gemma-mlx --quantization_bits 4
@@ -16,6 +18,7 @@ training; mlx-vlm is causal there) is printed too. Exit 1 when a check fails.
 
 import argparse
 import sys
+from pathlib import Path
 
 from pokemon_gemma.config import load_settings_or_exit, setup_logging
 
@@ -59,7 +62,11 @@ def build_parser(settings) -> argparse.ArgumentParser:
         "--verify_data", default=None, help="JSONL whose first records form the eval set (default: fixed demo samples)"
     )
     parser.add_argument(
-        "--verify_samples", type=int, default=32, help="size of the button-agreement eval set (default: 32)"
+        "--verify_samples",
+        type=int,
+        default=32,
+        help="size of the button-agreement eval set (default: 32; --verify_data with fewer records is topped up "
+        "with fixed demo samples)",
     )
     parser.add_argument(
         "--logit_samples", type=int, default=3, help="samples whose full logits are compared (default: 3)"
@@ -76,6 +83,7 @@ def main(argv=None) -> int:
         parser.error("--verify_samples, --logit_samples and --group_size must be at least 1")
     setup_logging(settings)
     from pokemon_gemma.export import ExportError, export_mlx
+    from pokemon_gemma.export.mlx import refusal
 
     try:
         m = export_mlx(
@@ -122,10 +130,8 @@ def main(argv=None) -> int:
     )
     t = v["timing"]
     print(f"score latency (mean): MLX {t['mlx_score_s_mean']:.3f} s, PyTorch {t['pytorch_score_s_mean']:.3f} s")
-    if not v["passed"]:
-        print(
-            f"error: {args.output_path}: MLX export failed verification (see {args.output_path}/export_manifest.json)",
-            file=sys.stderr,
-        )
+    reason = refusal(v, args.quantization_bits, Path(args.output_path))
+    if reason:
+        print(f"error: {reason}", file=sys.stderr)
         return 1
     return 0

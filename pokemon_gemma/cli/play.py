@@ -96,6 +96,8 @@ def main(argv=None) -> int:
 
         api_key = read_api_key(args.api_key_env)
     setup_logging(settings)
+    from pokemon_gemma.distributed import precision_for
+
     cfg = PlayConfig(
         env=args.env,
         policies=policies,
@@ -114,7 +116,7 @@ def main(argv=None) -> int:
         goal=args.goal,
         state_path=args.state_path,
         train_dataset_path=args.train_dataset_path,
-        precision=args.mixed_precision,
+        precision=precision_for(args.mixed_precision)[0],  # same resolution as training
         frame_layout=args.frame_layout,
         default_frame_layout=settings.frame_layout,
         world_size=args.world_size,

@@ -3,6 +3,7 @@ the fixed 4-frame samples every verification runs on."""
 
 from __future__ import annotations
 
+import json
 import logging
 import platform
 import shutil
@@ -31,6 +32,12 @@ TOKENIZER_FILES = (
 )
 
 
+# A quantised export must pick PyTorch's button on at least this share of the verification samples.
+MIN_BUTTON_AGREEMENT = 0.9
+# Below this many samples one disagreement moves agreement by more than 3 points: the gate says little.
+RECOMMENDED_SAMPLES = 32
+
+
 class ExportError(RuntimeError):
     """A merge/export that cannot run or did not verify; one line for people, and an exit code
     (2: the command line points at something unusable, 1: the work failed)."""
@@ -44,7 +51,18 @@ def package_versions() -> dict[str, str | None]:
     from importlib.metadata import PackageNotFoundError, version
 
     out: dict[str, str | None] = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "peft", "accelerate", "safetensors", "mlx", "mlx-vlm", "numpy"):
+    names = (
+        "torch",
+        "transformers",
+        "peft",
+        "accelerate",
+        "safetensors",
+        "mlx",
+        "mlx-vlm",
+        "llama-cpp-python",
+        "numpy",
+    )
+    for name in names:
         try:
             out[name] = version(name)
         except PackageNotFoundError:
@@ -60,6 +78,41 @@ def check_output_dir(path: str | Path, overwrite: bool) -> Path:
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise ExportError(f"{path}: output folder exists (pass --overwrite to replace it)", code=2)
     return path
+
+
+def check_source_folder(source: Path) -> dict:
+    """A merged model folder with safetensors weights (its config returned); one-line usage errors."""
+    if not (source / "config.json").is_file():
+        if (source / "adapter_config.json").is_file():
+            raise ExportError(f"{source}: is a LoRA adapter (merge it first: scripts/merge_qlora.py)", code=2)
+        raise ExportError(f"{source}/config.json: missing (pass a merged model folder)", code=2)
+    try:
+        config = json.loads((source / "config.json").read_text())
+    except ValueError as exc:
+        raise ExportError(f"{source}/config.json: invalid JSON ({exc})", code=2) from None
+    if not any(source.glob("*.safetensors")):
+        raise ExportError(f"{source}: no *.safetensors weights (save the model with safe_serialization)", code=2)
+    return config
+
+
+def agreement_refusal(what: str, agreed: int, n: int, required: float, remedy: str, where: str) -> str:
+    """The one-line refusal of an export whose buttons agree with PyTorch too rarely."""
+    share = agreed / n if n else 0.0
+    return (
+        f"{what} failed verification: its buttons agree with PyTorch on {agreed}/{n} samples ({share:.1%}), "
+        f"below the required {required:.0%} (try {remedy}, or --no-verify to publish it unverified; {where})"
+    )
+
+
+def warn_few_samples(n: int, what: str) -> None:
+    if n < RECOMMENDED_SAMPLES:
+        log.warning(
+            "%s verification on %d samples: one disagreement moves agreement by %.0f points (use %d or more)",
+            what,
+            n,
+            100 / max(n, 1),
+            RECOMMENDED_SAMPLES,
+        )
 
 
 def check_free_disk(folder: str | Path, needed_bytes: int) -> None:
@@ -150,15 +203,23 @@ def samples_from_jsonl(path: str | Path, n: int) -> list[VerifySample]:
 
 
 def load_samples(verify_data: str | None, n: int) -> tuple[list[VerifySample], str]:
+    """`n` verification samples: the first records of `verify_data`, topped up with fixed demo
+    samples when it has fewer (a gate on 3 samples says nothing), or only fixed demo samples."""
+    fixed_source = "fixed demo samples (pokemon_gemma.demo, seed 0)"
     if verify_data:
         from ..collate import SampleError
         from ..dataset import JsonlError, RecordError
 
         try:
-            return samples_from_jsonl(verify_data, n), str(verify_data)
+            samples = samples_from_jsonl(verify_data, n)
         except (RecordError, JsonlError, SampleError) as exc:
             raise ExportError(str(exc), code=2) from None
-    return fixed_samples(n), "fixed demo samples (pokemon_gemma.demo, seed 0)"
+        if len(samples) >= n:
+            return samples, str(verify_data)
+        extra = n - len(samples)
+        log.info("%s has %d records: adding %d fixed demo samples to verify on %d", verify_data, len(samples), extra, n)
+        return samples + fixed_samples(extra), f"{len(samples)} records of {verify_data} + {extra} {fixed_source}"
+    return fixed_samples(n), fixed_source
 
 
 def torch_logits(model, collator, sample: VerifySample, token_type_ids: bool = True):

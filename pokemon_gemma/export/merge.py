@@ -25,6 +25,7 @@ from ..artifacts import (
 )
 from ..artifacts import frame_layout as recorded_frame_layout
 from ..fileio import atomic_write_json, file_sha256, now_iso, staged_dir
+from ..hub_names import rename_to_hub
 from .common import (
     ExportError,
     check_free_disk,
@@ -154,6 +155,9 @@ def merge_lora(
     check_free_disk(output.parent, int(n_bytes * 1.05))
     with staged_dir(output, tag="merge") as staging:
         merged.save_pretrained(staging)
+        # The hub's weight names, whatever the base had (a flat base is saved flat by transformers 5):
+        # transformers, mlx-vlm's and llama.cpp's converters then read the folder without fixes.
+        renamed = rename_to_hub(staging)
         processor.save_pretrained(staging)
         copied = copy_tokenizer_files(base_dir, staging)
         if run_config_file:  # frame_layout etc. for the evaluator and server (secrets masked by training)
@@ -194,6 +198,8 @@ def merge_lora(
             "adapter_trained_with_qlora": (run_config or {}).get("use_qlora"),
             "frame_layout": layout,
             "tokenizer_files_copied_from_base": copied,
+            "weight_names": "hub (vision_tower.vision_model.*, language_model.model.*, multi_modal_projector.*)",
+            "tensors_renamed_to_hub_names": renamed,
             "created": now_iso(),
             "seconds": round(time.time() - started, 2),
             "versions": package_versions(),

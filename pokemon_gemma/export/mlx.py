@@ -9,7 +9,6 @@ button chosen by the export vs PyTorch with and without `token_type_ids` on a fi
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess
@@ -26,15 +25,19 @@ from ..dataset import QUESTION
 from ..families import FamilyError, family_of
 from ..fileio import atomic_write_json, now_iso, scratch_dir, staged_dir
 from .common import (
+    MIN_BUTTON_AGREEMENT,
     ExportError,
     VerifySample,
+    agreement_refusal,
     check_free_disk,
     check_output_dir,
+    check_source_folder,
     copy_tokenizer_files,
     load_samples,
     package_versions,
     torch_logits,
     verify_progress,
+    warn_few_samples,
     weights_bytes,
 )
 from .mlx_fixes import prepare_mlx_source
@@ -42,7 +45,6 @@ from .mlx_fixes import prepare_mlx_source
 log = logging.getLogger(__name__)
 
 MLX_LOGIT_TOLERANCE = 1e-3
-MIN_BUTTON_AGREEMENT = 0.9
 
 
 def _source_dtype(config: dict) -> str:
@@ -211,6 +213,7 @@ def verify_mlx(
             }
         )
     n = len(rows)
+    agreed = sum(row["mlx"] == row["pt_causal"] for row in rows)
 
     def rate(key_a: str, key_b: str) -> float:
         return sum(row[key_a] == row[key_b] for row in rows) / n if n else float("nan")
@@ -234,6 +237,7 @@ def verify_mlx(
         },
         "buttons": {
             "samples": n,
+            "agreed": agreed,
             "agreement_vs_pytorch_causal": agreement,
             "agreement_vs_pytorch_with_token_type_ids": rate("mlx", "pt_bidir"),
             "pytorch_causal_vs_with_token_type_ids": rate("pt_causal", "pt_bidir"),
@@ -255,6 +259,24 @@ def verify_mlx(
     }
 
 
+def refusal(verification: dict[str, Any], bits: int | None, output: Path) -> str | None:
+    """The one-line reason a verified export is refused (None when it passed): the figure, the
+    required value and the remedy."""
+    if verification.get("passed", True):
+        return None
+    where = f"see {output / MLX_MANIFEST}"
+    lg, bt = verification["logits"], verification["buttons"]
+    if not lg["passed"]:
+        return (
+            f"{output}: MLX export failed verification: float32 logits differ from PyTorch by "
+            f"{lg['max_abs_diff']:.3g}, above {lg['tolerance']:g} ({where}; --no-verify keeps it unverified)"
+        )
+    remedy = "--quantization_bits 8 or none" if bits == 4 else "--quantization_bits none"
+    return agreement_refusal(
+        f"{output}: MLX export ({bits}-bit)", bt["agreed"], bt["samples"], MIN_BUTTON_AGREEMENT, remedy, where
+    )
+
+
 def export_mlx(
     model_path: str | Path,
     output_path: str | Path,
@@ -272,22 +294,13 @@ def export_mlx(
     source = Path(model_path)
     if quantization_bits not in (None, 4, 8):
         raise ExportError(f"--quantization_bits must be 4, 8 or none, got {quantization_bits!r}", code=2)
-    if not (source / "config.json").is_file():
-        if (source / "adapter_config.json").is_file():
-            raise ExportError(f"{source}: is a LoRA adapter (merge it first: scripts/merge_qlora.py)", code=2)
-        raise ExportError(f"{source}/config.json: missing (pass a merged Gemma 3 folder)", code=2)
-    try:
-        config = json.loads((source / "config.json").read_text())
-    except ValueError as exc:
-        raise ExportError(f"{source}/config.json: invalid JSON ({exc})", code=2) from None
+    config = check_source_folder(source)
     try:
         family = family_of(config.get("model_type"))
     except FamilyError as exc:
         raise ExportError(f"{source}/config.json: {exc}", code=2) from None
     if family.mlx_unsupported:
         raise ExportError(f"{source}: {family.mlx_unsupported}", code=2)
-    if not any(source.glob("*.safetensors")):
-        raise ExportError(f"{source}: no *.safetensors weights (save the model with safe_serialization)", code=2)
     output = check_output_dir(output_path, overwrite)
     source_bytes = weights_bytes(source)
     check_free_disk(output.parent, int(source_bytes * 2.1))  # a rewritten copy + an unquantised export
@@ -296,6 +309,8 @@ def export_mlx(
     merge_manifest = read_json(source / MERGE_MANIFEST)
     frame_layout = recorded_frame_layout(source) or "images"
     samples, samples_source = load_samples(verify_data, n_samples) if verify else ([], None)
+    if verify and quantization_bits:
+        warn_few_samples(len(samples), "MLX")
 
     with staged_dir(output, tag="mlx") as staging, scratch_dir(output, "mlx-src") as work:
         fixes = prepare_mlx_source(source, work, family.mlx_fixes)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..fileio import atomic_write_json
+from ..hub_names import rename_to_hub
 
 
 # Each fix takes the config dict and returns a description when it changed something, else None.
@@ -105,41 +106,10 @@ def apply_config_fixes(config: dict, names=tuple(MLX_FIXES)) -> list[dict[str, s
     return applied
 
 
-def _renamed(key: str) -> str:
-    if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
-        return "vision_tower.vision_model." + key[len("vision_tower.") :]
-    return key
-
-
 def fix_vision_tower_prefix(folder: Path) -> str | None:
-    """transformers 5 saves SigLIP weights as `vision_tower.*`; mlx-vlm expects
-    `vision_tower.vision_model.*`. Rewrites only the shards that need it (and the index)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
-    renamed = 0
-    for shard in sorted(folder.glob("*.safetensors")):
-        with safe_open(shard, "pt") as fh:
-            keys = list(fh.keys())
-            metadata = fh.metadata() or {}
-        if all(_renamed(k) == k for k in keys):
-            continue
-        tensors = load_file(shard)
-        out = {_renamed(k): v for k, v in tensors.items()}
-        renamed += sum(_renamed(k) != k for k in keys)
-        tmp = shard.with_name(f".{shard.name}.tmp")
-        save_file(out, tmp, metadata={**metadata, "format": "pt"})
-        if shard.is_symlink():
-            shard.unlink()
-        os.replace(tmp, shard)
-        del tensors, out
-    index = folder / "model.safetensors.index.json"
-    if renamed and index.is_file():
-        data = json.loads(index.read_text())
-        data["weight_map"] = {_renamed(k): v for k, v in data.get("weight_map", {}).items()}
-        if index.is_symlink():
-            index.unlink()
-        atomic_write_json(index, data)
+    """mlx-vlm expects the hub's `vision_tower.vision_model.*`; a flat folder (written by an older
+    tiny builder, or saved from a model built from a config) gets the rename in the staging copy."""
+    renamed = rename_to_hub(folder)
     return f"{VISION_PREFIX_FIX} ({renamed} tensors)" if renamed else None
 
 

@@ -48,6 +48,7 @@ class Family:
     qlora_skip_modules: tuple[str, ...] = ()
     mlx_fixes: tuple[str, ...] = ()  # names in export.mlx_fixes, applied when needed
     mlx_unsupported: str | None = None  # why mlx-vlm cannot export this family (None: it can)
+    fast_prompt_masks = False  # scoring builds the prompt pass's 4-D masks itself (Gemma 3's mask rules)
 
     def __repr__(self) -> str:
         return f"<family {self.name}>"
@@ -104,8 +105,10 @@ class Family:
         return model.get_image_features(pixel_inputs["pixel_values"], return_dict=True).pooler_output
 
     def features_input(self, features, device) -> Any:
-        """`image_features` output (or per-image features stacked) as the model takes it back through
+        """`image_features` output (or a list of per-image features) as the model takes it back through
         `mm_encoder_outputs`: Gemma 3 one (n_images, tokens, hidden) tensor."""
+        if isinstance(features, (list, tuple)):
+            features = torch.stack([f.to(device) for f in features])
         return features.to(device)
 
     # --- fine-tuning

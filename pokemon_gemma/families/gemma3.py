@@ -12,6 +12,7 @@ _VISION = r"model\.vision_tower\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_p
 
 class Gemma3(Family):
     name = "gemma3"
+    fast_prompt_masks = True
     display = "Gemma 3"
     model_type = "gemma3"
     processor_class = "Gemma3Processor"

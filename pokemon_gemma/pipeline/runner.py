@@ -115,7 +115,8 @@ def _run_subprocess(ctx: Ctx, stage: Stage, argv: list[str], log_path: Path) -> 
         log_fh.write(proc.stdout)
     if proc.returncode != 0:
         why = _last_lines(log_path)
-        raise PipelineError(f"stage {stage.name} failed (exit {proc.returncode}): {why} (log: {log_path})")
+        hint = f"; {stage.hint}" if stage.hint else ""
+        raise PipelineError(f"stage {stage.name} failed (exit {proc.returncode}): {why} (log: {log_path}{hint})")
     return {"stdout": proc.stdout, "returncode": proc.returncode}
 
 

@@ -51,7 +51,7 @@ class PipelineConfig:
     monitor_checks: int = 3
     merge_dtype: str = "bf16"
     mlx_bits: str = "4"  # 4, 8 or none (passed to convert_to_mlx.py --quantization_bits)
-    mlx_verify_samples: int | None = None
+    mlx_verify_samples: int = 32  # the 90% agreement gate needs enough samples to mean something
     wandb: bool = False  # register also logs a W&B model artifact
     skip_stages: tuple[str, ...] = ()
     stage_timeout_s: float = 3600.0
@@ -102,6 +102,7 @@ class Stage:
     still_valid: Callable[[Ctx, dict], bool] = lambda ctx, entry: True  # may a finished stage be skipped?
     background: bool = False  # keeps running (the server)
     needs: tuple[str, ...] = ()  # re-run when one of these ran in this run
+    hint: str | None = None  # added to a failure: how to change the stage from the pipeline's flags
 
 
 # --------------------------------------------------------------------------- stage helpers
@@ -199,9 +200,9 @@ def _export_flags(ctx: Ctx) -> list[str]:
         ctx.cfg.mlx_bits,
         "--verify_data",
         ctx.cfg.eval_dataset,
+        "--verify_samples",
+        str(ctx.cfg.mlx_verify_samples),
     ]
-    if ctx.cfg.mlx_verify_samples:
-        flags += ["--verify_samples", str(ctx.cfg.mlx_verify_samples)]
     return flags
 
 
@@ -357,6 +358,7 @@ STAGES: list[Stage] = [
         fresh_dirs=lambda ctx: [ctx.out / "mlx"],
         still_valid=_files_exist("mlx_dir"),
         needs=("merge",),
+        hint="from the pipeline: --mlx_bits 8|none, or --skip_stages export_mlx,evaluate_export",
     ),
     Stage(
         "evaluate_export",

@@ -59,6 +59,7 @@ class ServerConfig:
     max_batch: int = 8
     batch_wait_ms: float = 2.0
     max_queue: int = 64  # model requests decoding, waiting or running; more get 503 (bounded memory)
+    shutdown_grace_s: float = 30.0  # drain(): how long queued work may still run once shutdown begins
     request_timeout_s: float = 600.0  # a model call that takes longer answers 504
     max_frame_pixels: int = MAX_FRAME_PIXELS  # declared pixels of one frame; more: 413 from the header
     max_request_pixels: int = MAX_REQUEST_PIXELS  # the 4 frames together
@@ -191,7 +192,7 @@ def create_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
     metrics = ServerMetrics(backend.name, backend.model_version)
     cache = FrameCache(config.frame_cache_size if backend.supports_features else 0)
     worker = InferenceWorker(backend, metrics, cache, config.max_batch, config.batch_wait_ms / 1000)
-    state = {"ready": False, "pending": 0}
+    state = {"ready": False, "pending": 0, "draining": False}
     frame_input = backend.frame_input() if hasattr(backend, "frame_input") else None
     limits = FrameLimits(
         max_frame_pixels=config.max_frame_pixels,
@@ -209,11 +210,34 @@ def create_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
         try:
             await worker.submit(request)
         except Exception:
-            log.exception("warm-up failed; /ready stays 503")
+            if not state["draining"]:
+                log.exception("warm-up failed; /ready stays 503")
+            return
+        if state["draining"]:
             return
         state["ready"] = True
         metrics.ready.set(1)
         log.info("model %s ready (%s backend)", backend.model_version, backend.name)
+
+    async def drain(grace_s: float | None = None) -> None:
+        """Begin a graceful shutdown: from now on new model requests get 503 (and /ready 503); queued
+        and running requests have `grace_s` to finish; whatever is left then is answered 503. Returns
+        once every model request has its answer, so the server can close its connections and exit."""
+        grace_s = config.shutdown_grace_s if grace_s is None else grace_s
+        state["draining"], state["ready"] = True, False
+        metrics.ready.set(0)
+        log.info("shutting down: new requests get 503; %d queued or running, %.0f s left", state["pending"], grace_s)
+        deadline = time.monotonic() + grace_s
+        while state["pending"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        cancelled = worker.cancel_all(
+            RequestError(503, "server shutting down: request not run (retry elsewhere)", code="shutting_down")
+        )
+        if cancelled:
+            log.warning("shutting down: %d requests not run within %.0f s were answered 503", cancelled, grace_s)
+        end = time.monotonic() + 2.0
+        while state["pending"] and time.monotonic() < end:  # the cancelled requests' 503s go out
+            await asyncio.sleep(0.01)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -223,17 +247,19 @@ def create_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
             state["ready"] = True
             metrics.ready.set(1)
         yield
-        # uvicorn has already let in-flight requests finish; drain whatever is still queued.
+        # Whatever is still queued runs now (after drain() nothing is); a batch still on the model
+        # after a drain is not waited for long: its requests have had their answer.
         if task is not None:
             await task
-        await asyncio.to_thread(worker.stop)
-        decoder.shutdown(wait=True)
-        log.info("model worker stopped")
+        stopped = await asyncio.to_thread(worker.stop, 0.5 if state["draining"] else 60.0)
+        decoder.shutdown(wait=not state["draining"])
+        log.info("model worker stopped" if stopped else "model worker still busy with a cancelled batch; exiting")
 
     app = FastAPI(
         title="pokemon-gemma inference server", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
     )
     app.state.metrics, app.state.cache, app.state.backend = metrics, cache, backend
+    app.state.drain, app.state.worker = drain, worker
 
     @app.exception_handler(RequestError)
     async def bad_request(request: Request, exc: RequestError):
@@ -263,6 +289,8 @@ def create_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
 
     async def run_model(request: Request, parse) -> tuple[InferenceRequest, Result]:
         """Read the body, take a queue slot, parse and decode on a decoding thread, run the model."""
+        if state["draining"]:  # before the body is read: refused at once
+            raise RequestError(503, "server shutting down (retry elsewhere)", code="shutting_down")
         body = await read_body(request)
         if not state["ready"]:
             raise RequestError(503, "model is not ready yet (poll /ready)", code="model_not_ready")
@@ -374,6 +402,8 @@ def create_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
     @app.get("/ready")
     async def ready():
         body = {"ready": state["ready"], "model_version": backend.model_version, "backend": backend.name}
+        if state["draining"]:
+            body["shutting_down"] = True
         return JSONResponse(body, 200 if state["ready"] else 503)
 
     @app.get("/metrics")

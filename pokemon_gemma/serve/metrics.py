@@ -21,6 +21,7 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 PREFIX = "pokemon_gemma_"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 CLIENT_CLOSED = 499  # the status recorded when the client hung up before its request was read
@@ -60,9 +61,12 @@ class ServerMetrics:
             PREFIX + "vision_frames_encoded", "Frames run through the vision tower", registry=r
         )
         self.batch_size = Histogram(
-            PREFIX + "batch_size_requests",
-            "Requests per model-worker batch",
-            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32),
+            PREFIX + "batch_size_requests", "Requests per model-worker batch", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.score_batch_size = Histogram(
+            PREFIX + "score_batch_size_requests",
+            "Score requests per batched language-model pass (one prompt pass + one answer pass)",
+            buckets=BATCH_BUCKETS,
             registry=r,
         )
         self.queue = Gauge(PREFIX + "queue_requests", "Model requests being decoded, waiting or running", registry=r)
