@@ -221,6 +221,8 @@ def test_metric_names_follow_prometheus_conventions(server):
     from prometheus_client.parser import text_string_to_metric_families
 
     with client(server.url) as c:
+        # one request first: labelled counters have no samples until used (the test must not rely on order)
+        assert c.post("/v1/predict", json=predict_payload(FRAMES[0:4])).status_code == 200
         text = c.get("/metrics").text
     families = {f.name: f for f in text_string_to_metric_families(text)}
     ours = {n: f for n, f in families.items() if not n.startswith(("process_", "python_"))}
