@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole pipeline on the embedded default: generated demo sessions + a tiny Gemma 3 built locally.
+# The whole pipeline on the embedded default: generated demo sessions + a tiny Gemma 3 built locally
+# (DEMO_FAMILY=gemma4: a tiny Gemma 4 instead).
 # No network, no GPU. Everything goes under $DEMO_DIR (default demo_output/).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -7,6 +8,7 @@ cd "$(dirname "$0")"
 # 2 cores); the default (auto) exports to GGUF when it is already installed (e.g. by ./test.sh); 0 skips it.
 GGUF=${DEMO_GGUF:-auto}
 if [ "$GGUF" = 1 ]; then ./init.sh --gguf; else ./init.sh; fi
+if [ "$GGUF" = auto ] && [ "${DEMO_FAMILY:-gemma3}" != gemma3 ]; then GGUF=0; fi  # the GGUF export is Gemma 3's
 if [ "$GGUF" = auto ]; then
   if .venv/bin/python -c "import llama_cpp; from pokemon_gemma.export.llama_cpp import find_converter; find_converter()" \
       >/dev/null 2>&1; then GGUF=1; else GGUF=0; echo "[demo] GGUF export skipped: llama-cpp-python not installed (DEMO_GGUF=1)"; fi
@@ -20,12 +22,13 @@ EPOCHS=${DEMO_EPOCHS:-3}
 PORT=${DEMO_PORT:-8765}
 PLAY_EPISODES=${DEMO_PLAY_EPISODES:-50}
 mkdir -p "$DEMO_DIR"
-TINY=$DEMO_DIR/tiny-gemma3 DATA=$DEMO_DIR/data RUN=$DEMO_DIR/run DEMO_ENV=$DEMO_DIR/demo.env
+FAMILY=${DEMO_FAMILY:-gemma3}
+TINY=$DEMO_DIR/tiny-$FAMILY DATA=$DEMO_DIR/data RUN=$DEMO_DIR/run DEMO_ENV=$DEMO_DIR/demo.env
 START=$(date +%s)
 stage() { printf '\n== [%4ss] %s\n' "$(( $(date +%s) - START ))" "$*"; }
 
-stage "tiny Gemma 3 (random weights, built from a config)"
-$PY scripts/make_tiny_model.py --output_dir "$TINY" --seed 0
+stage "tiny $FAMILY (random weights, built from a config)"
+$PY scripts/make_tiny_model.py --family "$FAMILY" --output_dir "$TINY" --seed 0
 
 stage "demo sessions (Eevee v1 V3 runs with rendered frames)"
 $PY scripts/make_demo_sessions.py --output_dir "$DEMO_DIR/sessions" --sessions "$SESSIONS" --seed 0 --overwrite
