@@ -385,3 +385,35 @@ def test_export_errors_are_one_line(adapter_dir, mlx_fp32_dir, merged_dir, tmp_p
     rc = convert_to_mlx.main(["--model_path", str(tmp_path), "--output_path", str(tmp_path / "y")])
     err = _error(capsys.readouterr())
     assert rc == 2 and "config.json: missing" in err
+
+
+@pytest.mark.slow  # exports in a subprocess
+def test_an_export_killed_midway_leaves_nothing_after_the_next_export(merged_dir, tmp_path):
+    """SIGKILL during an MLX export leaves its staging folder and source copy behind (a full model copy
+    each); the next export into the same place removes them."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "mlx"
+    cmd = [sys.executable, str(REPO / "scripts" / "convert_to_mlx.py"), "--model_path", str(merged_dir)]
+    cmd += ["--output_path", str(out), "--quantization_bits", "none", "--verify_samples", "2", "--logit_samples", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    leftovers = lambda: sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".mlx."))  # noqa: E731
+    try:
+        deadline = time.time() + 300
+        while not any("mlx-src" in name for name in leftovers()) and time.time() < deadline:
+            assert proc.poll() is None, "the export ended before it could be killed"
+            time.sleep(0.05)
+        time.sleep(0.5)  # copying the source model
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed = leftovers()
+    assert any(f"mlx-src-{proc.pid}" == name.rsplit(".", 1)[-1] for name in killed), killed
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert leftovers() == [] and (out / "export_manifest.json").is_file()

@@ -4,9 +4,11 @@ gate failures stop before register -> the resumed run finishes, serves and promo
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -244,3 +246,51 @@ def test_usage_errors_are_one_line(tmp_path):
         timeout=120,
     )
     assert out.returncode == 2 and "unknown stage(s) exprot" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.slow  # merges, evaluates, serves
+def test_relative_paths_from_another_folder_and_a_killed_run_leaves_no_server(inputs, tmp_path):
+    """Run from another folder with relative paths: every stage reads what the caller named (the registry
+    beside the caller, not in the repository). Killed during monitor: the rerun stops the orphaned server,
+    serves and monitors again, and leaves nothing running."""
+    from pokemon_gemma.pipeline.stages import pid_alive
+
+    work = tmp_path / "elsewhere"
+    shutil.copytree(inputs["adapter"], work / "run")
+    shutil.copy(inputs["data"], work / "test.jsonl")
+    argv = [sys.executable, SCRIPT, "--checkpoint", "run", "--eval_dataset", "test.jsonl", "--output_dir", "out"]
+    argv += ["--registry_db", "reg.db", "--name", NAME, "--skip_stages", "export_mlx,evaluate_export"]
+    argv += ["--serve", "--port", str(free_port())]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    state_file = work / "out" / "pipeline_state.json"
+    first = subprocess.Popen(
+        [*argv, "--monitor_checks", "100000"], cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            st = json.loads(state_file.read_text()) if state_file.is_file() else {"stages": {}}
+            if st["stages"].get("monitor", {}).get("status") == "running":
+                break
+            assert first.poll() is None, first.stderr.read().decode()
+            time.sleep(1)
+        else:
+            pytest.fail("the monitor stage never started")
+        orphan = st["stages"]["serve"]["outputs"]["pid"]
+    finally:
+        first.kill()
+        first.wait()
+    assert pid_alive(orphan)  # the server outlived the killed pipeline
+    second = subprocess.run(
+        [*argv, "--monitor_checks", "1"], cwd=work, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert second.returncode == 0, second.stderr
+    assert f"stopped the server (pid {orphan}) a killed run left running" in second.stdout
+    assert not pid_alive(orphan)
+    st = json.loads(state_file.read_text())
+    assert st["stages"]["monitor"]["status"] == "done"
+    new = st["stages"]["serve"]["outputs"]["pid"]
+    assert new != orphan and not pid_alive(new)  # this run's own server was stopped at the end
+    assert (work / "reg.db").is_file() and not (REPO_ROOT / "reg.db").exists()
+    with Registry(work / "reg.db") as reg:
+        assert [v.stage for v in reg.list_versions(NAME)] == ["production"]

@@ -11,6 +11,7 @@ added to (register reuses a version with the same weights), so a failed run lose
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import logging
@@ -325,16 +326,55 @@ def validate_config(cfg: PipelineConfig) -> None:
         raise PipelineError(f"--min_play_success {cfg.min_play_success} is not between 0 and 1", code=2)
 
 
+def resolve_paths(cfg: PipelineConfig) -> PipelineConfig:
+    """Every path resolved once against the caller's folder: the stages run with another working
+    directory, and each must read the registry (and the rest) the caller named."""
+    base = cfg.base_model
+    if base and Path(base).exists():  # a local folder; anything else is a hub id
+        base = str(Path(base).resolve())
+    return dataclasses.replace(
+        cfg,
+        checkpoint=str(Path(cfg.checkpoint).resolve()),
+        eval_dataset=str(Path(cfg.eval_dataset).resolve()),
+        output_dir=str(Path(cfg.output_dir).resolve()),
+        registry_db=str(Path(cfg.registry_db).resolve()),
+        base_model=base,
+    )
+
+
+def _is_our_server(pid: int) -> bool:
+    try:
+        return b"inference_server" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return pid_alive(pid)  # no /proc (macOS): trust the recorded pid
+
+
+def stop_orphan_server(ctx: Ctx, echo: Callable[[str], None]) -> None:
+    """A run killed after starting its server left it running: stop it, and serve and monitor run again."""
+    runs = ctx.state["runs"]
+    if not runs or "ended_at" in runs[-1]:
+        return  # the last run ended: a server it left is there on purpose (--keep_serving)
+    pid = ctx.output("serve", "pid")
+    if pid and pid_alive(pid) and _is_our_server(pid):
+        stop_server(pid)
+        echo(f"serve: stopped the server (pid {pid}) a killed run left running; serve and monitor run again")
+    for name in ("serve", "monitor"):
+        if name in ctx.state["stages"]:
+            ctx.state["stages"][name] = {"status": "pending"}
+
+
 def run_pipeline(cfg: PipelineConfig, *, restart: bool = False, echo: Callable[[str], None] = print) -> dict:
     """Run (or resume) the pipeline; returns the final state. Raises PipelineError on the first failure,
     after writing the state and the report."""
+    cfg = resolve_paths(cfg)
     validate_config(cfg)
-    out = Path(cfg.output_dir).resolve()
+    out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     with _Lock(out):
         if restart:
             (out / STATE_FILE).unlink(missing_ok=True)
         ctx = Ctx(cfg, out, load_state(cfg, out))
+        stop_orphan_server(ctx, echo)
         ctx.state["runs"].append({"started_at": now_iso(), "min_accuracy": cfg.min_accuracy, "serve": cfg.serve})
         save_state(ctx)
         started_server = None
