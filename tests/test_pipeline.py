@@ -257,8 +257,8 @@ def test_relative_paths_from_another_folder_and_a_killed_run_leaves_no_server(in
 
     work = tmp_path / "elsewhere"
     shutil.copytree(inputs["adapter"], work / "run")
-    shutil.copy(inputs["data"], work / "test.jsonl")
-    argv = [sys.executable, SCRIPT, "--checkpoint", "run", "--eval_dataset", "test.jsonl", "--output_dir", "out"]
+    shutil.copytree(inputs["data"].parent, work / "data")  # the JSONL and the frames it names
+    argv = [sys.executable, SCRIPT, "--checkpoint", "run", "--eval_dataset", "data/test.jsonl", "--output_dir", "out"]
     argv += ["--registry_db", "reg.db", "--name", NAME, "--skip_stages", "export_mlx,evaluate_export"]
     argv += ["--serve", "--port", str(free_port())]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
