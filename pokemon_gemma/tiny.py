@@ -89,21 +89,30 @@ def _corpus() -> list[str]:
     return _CORPUS + [QUESTION] + ["Goal: " + goal for goal in GOAL_SENTENCES]
 
 
-def build_tokenizer(vocab_size: int = 1024):
-    """A byte-level BPE tokenizer with Gemma's special tokens, trained on a fixed corpus."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+def train_bpe(special_tokens: list[str], corpus: list[str], vocab_size: int = 1024):
+    """A byte-level BPE `tokenizers.Tokenizer` with `special_tokens` first (their ids in that order),
+    trained on `corpus`: the base of every family's tiny tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus() * 4, trainer=trainer)
+    tok.train_from_iterator(corpus * 4, trainer=trainer)
+    return tok
+
+
+def build_tokenizer(vocab_size: int = 1024):
+    """A byte-level BPE tokenizer with Gemma's special tokens, trained on a fixed corpus."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = train_bpe(SPECIAL_TOKENS, _corpus(), vocab_size)
     # Gemma's post-processor: encoding with special tokens prepends <bos>. The project always
     # tokenizes with add_special_tokens=False (the chat template writes the <bos>); llama.cpp's
     # converter reads this to set add_bos_token, as real Gemma 3 GGUFs have it.

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .fileio import make_readable
+from .tiny import GEMMA3_CHAT_TEMPLATE
 
 # Text-vocabulary special tokens (Gemma ids for the first three: pad 0, eos 1, bos 2). On the hub
 # <start_of_image>=255999 and <start_of_audio>=256000 are text tokens; the vision block starts at
@@ -36,40 +37,13 @@ MM_VOCAB = 8  # ids per modality block (the hub's is 128)
 # The hub's Gemma 3n chat template: Gemma 3's, with images as <image_soft_token> and audio as
 # <audio_soft_token> (the processor expands each into "\n\n<start_of_image>" + 256 soft tokens +
 # "<end_of_image>\n\n").
-GEMMA3N_CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{%- if messages[0]['role'] == 'system' -%}"
-    "{%- if messages[0]['content'] is string -%}"
-    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
-    "{%- else -%}"
-    "{%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}"
-    "{%- endif -%}"
-    "{%- set loop_messages = messages[1:] -%}"
-    "{%- else -%}"
-    '{%- set first_user_prefix = "" -%}'
-    "{%- set loop_messages = messages -%}"
-    "{%- endif -%}"
-    "{%- for message in loop_messages -%}"
-    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
-    "{%- endif -%}"
-    "{%- if (message['role'] == 'assistant') -%}{%- set role = 'model' -%}"
-    "{%- else -%}{%- set role = message['role'] -%}{%- endif -%}"
-    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
-    "{%- if message['content'] is string -%}"
-    "{{ message['content'] | trim }}"
-    "{%- elif message['content'] is iterable -%}"
-    "{%- for item in message['content'] -%}"
+_GEMMA3_IMAGE_ITEM = "{%- if item['type'] == 'image' -%}{{ '<start_of_image>' }}"
+if _GEMMA3_IMAGE_ITEM not in GEMMA3_CHAT_TEMPLATE:  # the derivation below would silently change nothing
+    raise ImportError("tiny.GEMMA3_CHAT_TEMPLATE no longer writes images as <start_of_image>")
+GEMMA3N_CHAT_TEMPLATE = GEMMA3_CHAT_TEMPLATE.replace(
+    _GEMMA3_IMAGE_ITEM,
     "{%- if item['type'] == 'audio' -%}{{ '<audio_soft_token>' }}"
-    "{%- elif item['type'] == 'image' -%}{{ '<image_soft_token>' }}"
-    "{%- elif item['type'] == 'text' -%}{{ item['text'] | trim }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- else -%}{{ raise_exception('Invalid content type') }}"
-    "{%- endif -%}"
-    "{{ '<end_of_turn>\n' }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+    "{%- elif item['type'] == 'image' -%}{{ '<image_soft_token>' }}",
 )
 
 # timm arguments for a small MobileNetV5: the `_base` block layout with 1/32 of its channels, a
@@ -87,19 +61,12 @@ def _corpus() -> list[str]:
 
 def build_tokenizer(vocab_size: int = 1024):
     """BPE over the corpus with the text specials; then the vision and audio id blocks appended."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=TEXT_SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_corpus() * 4, trainer=trainer)
+    from .tiny import train_bpe
+
+    tok = train_bpe(TEXT_SPECIAL_TOKENS, _corpus(), vocab_size)
     vision = ["<end_of_image>", "<image_soft_token>"] + [f"<unused_vision_{i}>" for i in range(MM_VOCAB - 2)]
     audio = ["<end_of_audio>", "<audio_soft_token>"] + [f"<unused_audio_{i}>" for i in range(MM_VOCAB - 2)]
     tok.add_special_tokens([AddedToken(t, special=True) for t in vision + audio])

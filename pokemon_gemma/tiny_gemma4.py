@@ -113,19 +113,11 @@ def _corpus() -> list[str]:
 
 def build_tokenizer(vocab_size: int = 1024):
     """A byte-level BPE tokenizer with Gemma 4's special tokens and chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_corpus() * 4, trainer=trainer)
+    from .tiny import train_bpe
+
+    tok = train_bpe(SPECIAL_TOKENS, _corpus(), vocab_size)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="<pad>",
