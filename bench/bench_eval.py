@@ -6,7 +6,7 @@ probability difference between the batched and the one-at-a-time predictions.
 
 The samples are 4-frame windows of synthetic Game Boy frames with contexts of mixed lengths (so
 batched prompts are padded); the model is the tiny random Gemma 3 unless --model_path is given
-(e.g. a random-weight gemma-3-4b from bench/make_random_gemma3.py on a GPU, with --precision bf16).
+(e.g. a random-weight gemma-3-4b from bench/make_random_model.py on a GPU, with --precision bf16).
 
     python bench/bench_eval.py [--model_path DIR] [--samples 48] [--batch_sizes 1,4,8,16] [--repeats 3]
                                [--precision no|bf16|fp16] [--output_dir DIR]

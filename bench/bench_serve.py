@@ -27,7 +27,7 @@ Bounded: a fixed number of requests per phase, every call with a timeout; loopba
 
 On a GPU (random-weight gemma-3-4b, real shapes, no download):
 
-    python bench/make_random_gemma3.py --size 4b --output_dir /tmp/gemma3-4b-random
+    python bench/make_random_model.py --size 4b --output_dir /tmp/gemma3-4b-random
     python bench/bench_serve.py --model_path /tmp/gemma3-4b-random --precision bf16 --requests 64 \\
         --output_dir /tmp/bench_serve_4b     # phase 4 gives the score p50 for 4 frames and for 1 new frame
     python bench/bench_eval.py --model_path /tmp/gemma3-4b-random --precision bf16 --samples 64

@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_bench_batched_out}; WORK=${WORK:-/tmp/gpu_bench_batched}
 mkdir -p "$OUT" "$WORK"
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
-[ -f "$WORK/model/config.json" ] || python bench/make_random_gemma3.py --size 4b --output_dir "$WORK/model"
+[ -f "$WORK/model/config.json" ] || python bench/make_random_model.py --size 4b --output_dir "$WORK/model"
 python bench/bench_serve.py --model_path "$WORK/model" --precision bf16 --clients 1,8 --requests 32 --repeats 1 \
     --generate_requests 2 --max_new_tokens 16 --stream 24 --max_batch 16 --output_dir "$OUT" 2>&1 \
     | tee "$OUT/bench_serve.log"

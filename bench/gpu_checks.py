@@ -197,7 +197,7 @@ def check(runs) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--model_dir", default="/tmp/gpu_checks/model", help="bench/make_random_gemma3.py --size 4b output"
+        "--model_dir", default="/tmp/gpu_checks/model", help="bench/make_random_model.py --size 4b output"
     )
     parser.add_argument("--dataset_path", default="/tmp/gpu_checks/data/train.jsonl", help="training JSONL (4 frames)")
     parser.add_argument("--output_dir", default="/tmp/gpu_checks_out", help="results, logs and run folders")

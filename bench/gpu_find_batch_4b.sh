@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_find_batch_out}; WORK=${WORK:-/tmp/gpu_find_batch}
 mkdir -p "$OUT" "$WORK"
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
-[ -f "$WORK/model/config.json" ] || python bench/make_random_gemma3.py --size 4b --output_dir "$WORK/model"
+[ -f "$WORK/model/config.json" ] || python bench/make_random_model.py --size 4b --output_dir "$WORK/model"
 python scripts/make_demo_sessions.py --output_dir "$WORK/eevee" --sessions 8 --seed 0 --overwrite >/dev/null
 python scripts/convert_eevee_data_v2.py --eevee_data_dir "$WORK/eevee" --output_dir "$WORK/data" --copy_images >/dev/null
 python scripts/find_batch_size.py --env_file /dev/null --dataset_path "$WORK/data/train.jsonl" \

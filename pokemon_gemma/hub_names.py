@@ -3,7 +3,7 @@
 Gemma 3 on the hub stores the SigLIP tower as `vision_tower.vision_model.*`. transformers >= 5.8
 loads it into a flat SigLIP and, on `save_pretrained`, writes the hub names back only for a model
 that was *loaded* with them (it reverses the load-time renamings it recorded). A model built from a
-config (the tiny builder, `bench/make_random_gemma3.py`) has none recorded and is saved flat
+config (the tiny builder, `bench/make_random_model.py`) has none recorded and is saved flat
 (`vision_tower.*`), and so is every folder derived from it: merges, checkpoints, exports.
 
 Other tools only know the hub's names: llama.cpp's converter cannot map `vision_tower.embeddings.*`

@@ -292,6 +292,27 @@ def save_processor(
     atomic_write_text(tok_path, json.dumps(tok, indent=2, sort_keys=True) + "\n")
 
 
+def set_token_ids(config, tokenizer) -> None:
+    """Point the config's image/audio/video token ids at the tiny tokenizer's (the real ones are > 255k)."""
+    ids = tokenizer.convert_tokens_to_ids
+    config.image_token_id = ids("<|image|>")
+    config.boi_token_id = ids("<|image>")
+    config.eoi_token_id = ids("<image|>")
+    config.audio_token_id = ids("<|audio|>")
+    config.boa_token_id = ids("<|audio>")
+    config.eoa_token_index = ids("<audio|>")
+    config.video_token_id = ids("<|video|>")
+
+
+def generation_config(tokenizer):
+    """Greedy decoding that stops at <eos> or the end of the model's turn, as the hub's does."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        bos_token_id=2, pad_token_id=0, eos_token_id=[1, tokenizer.convert_tokens_to_ids("<turn|>")], do_sample=False
+    )
+
+
 def build_tiny_model(
     output_dir: str | Path,
     seed: int = 0,
@@ -304,12 +325,11 @@ def build_tiny_model(
     hidden_size: int = 64,
 ) -> Path:
     """Write a tiny random Gemma 4 + tokenizer + processor to `output_dir` and return the path."""
-    from transformers import Gemma4ForConditionalGeneration, GenerationConfig
+    from transformers import Gemma4ForConditionalGeneration
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
-    ids = tokenizer.convert_tokens_to_ids
     # Enough 2-D positions for the largest patch grid the image processor can make at this budget.
     max_side = max_soft_tokens * pooling_kernel_size**2
     config = tiny_config(
@@ -321,25 +341,14 @@ def build_tiny_model(
         audio=audio,
         position_embedding_size=max_side,
     )
-    config.image_token_id = ids("<|image|>")
-    config.boi_token_id = ids("<|image>")
-    config.eoi_token_id = ids("<image|>")
-    config.audio_token_id = ids("<|audio|>")
-    config.boa_token_id = ids("<|audio>")
-    config.eoa_token_index = ids("<audio|>")
-    config.video_token_id = ids("<|video|>")
+    set_token_ids(config, tokenizer)
 
     torch.manual_seed(seed)
     model = Gemma4ForConditionalGeneration(config)
     with torch.no_grad():
         table = model.model.vision_tower.patch_embedder.position_embedding_table  # (2, P, D), init ones
         table.copy_(_sincos_table(table.shape[1], table.shape[2]).unsqueeze(0).expand_as(table) * 0.5)
-    model.generation_config = GenerationConfig(
-        bos_token_id=2,
-        pad_token_id=0,
-        eos_token_id=[1, ids("<turn|>")],
-        do_sample=False,
-    )
+    model.generation_config = generation_config(tokenizer)
     model.save_pretrained(output_dir)
     processor = build_processor(
         tokenizer, patch_size=patch_size, pooling_kernel_size=pooling_kernel_size, max_soft_tokens=max_soft_tokens

@@ -135,6 +135,7 @@ def test_train_script_and_gpu_checks_parse():
         "bench/gpu_checks.py",
         "bench/gpu_checks_multi.py",
         "bench/bench_train.py",
+        "bench/make_random_model.py",
         "bench/make_random_gemma3.py",
     ):
         proc = subprocess.run(
