@@ -102,15 +102,16 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def score_adapter(work: Path, adapter: Path, limit: int) -> dict:
+def score_adapter(work: Path, adapter: Path, limit: int, base_model: str = "") -> dict:
     """Held-out button accuracy of an adapter with OUR scorer (same code for both trainers)."""
     from pokemon_gemma.collate import Collator
     from pokemon_gemma.modeling import load_for_inference, load_processor
     from pokemon_gemma.scoring import ButtonScorer
 
     records = heldout_records(work, limit)
-    model, _ = load_for_inference(str(work / "tiny"), str(adapter), device="cpu")
-    collator = Collator(load_processor(str(work / "tiny")), max_seq_length=1 << 20)
+    base_model = base_model or str(work / "tiny")
+    model, _ = load_for_inference(base_model, str(adapter), device="cpu")
+    collator = Collator(load_processor(base_model), max_seq_length=1 << 20)
     scorer = ButtonScorer(model, collator)
     correct = sum(scorer.score_record(r).button == r.button for r in records)
     return {"accuracy": correct / len(records), "heldout": len(records)}
@@ -122,8 +123,9 @@ def child_ours(cfg: dict) -> dict:
     from pokemon_gemma.config import Settings
 
     out = Path(cfg["out"])
+    model = cfg.get("model") or str(Path(cfg["work"]) / "tiny")  # bench_families.py passes each family's
     s = Settings(
-        model_name=str(Path(cfg["work"]) / "tiny"),
+        model_name=model,
         dataset_path=cfg["train"],
         eval_dataset_path="",
         output_dir=str(out),
@@ -180,7 +182,7 @@ def child_ours(cfg: dict) -> dict:
         "start_rss_mb": start_rss[0],
         "wall_s": wall,
         "load": os.getloadavg()[0],
-        **score_adapter(Path(cfg["work"]), out, cfg["eval_samples"]),
+        **score_adapter(Path(cfg["work"]), out, cfg["eval_samples"], model),
     }
 
 

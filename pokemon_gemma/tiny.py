@@ -209,8 +209,11 @@ def tiny_config(
     )
 
 
-def build_tiny_model(output_dir: str | Path, seed: int = 0, image_size: int = 64, hidden_size: int = 64) -> Path:
-    """Write a tiny random Gemma 3 + tokenizer + processor to `output_dir` and return the path."""
+def build_tiny_model(
+    output_dir: str | Path, seed: int = 0, image_size: int = 64, hidden_size: int = 64, mm_tokens_per_image: int = 16
+) -> Path:
+    """Write a tiny random Gemma 3 + tokenizer + processor to `output_dir` and return the path
+    (`mm_tokens_per_image=256` with `image_size=128`: the real Gemma 3's prompt length)."""
     from transformers import Gemma3ForConditionalGeneration, Gemma3Processor, GenerationConfig
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
@@ -220,7 +223,7 @@ def build_tiny_model(output_dir: str | Path, seed: int = 0, image_size: int = 64
     output_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     ids = tokenizer.convert_tokens_to_ids
-    config = tiny_config(vocab_size=len(tokenizer), image_size=image_size, hidden_size=hidden_size)
+    config = tiny_config(len(tokenizer), image_size, hidden_size=hidden_size, mm_tokens_per_image=mm_tokens_per_image)
     config.boi_token_index = ids("<start_of_image>")
     config.eoi_token_index = ids("<end_of_image>")
     config.image_token_index = ids("<image_soft_token>")
