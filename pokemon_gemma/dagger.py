@@ -79,18 +79,23 @@ class DaggerError(RuntimeError):
 
 # --------------------------------------------------------------------------- labelers
 class Labeler:
-    """`label(request, turn) -> button | None`; why a label is missing goes to `self.failures`."""
+    """`label(request, turn) -> button | None`; why a label is missing goes to `self.failures`.
+    `explanation` is the (reasoning, scene description) that goes with the last label: the training
+    answer carries them, so a relabelled window must not keep the player's own text."""
 
     name = "labeler"
 
     def __init__(self):
         self.failures: Counter = Counter()
+        self.explanation: tuple[str, str] = ("", "")
 
     def label(self, request: dict[str, Any], turn: dict[str, Any]) -> str | None:
         raise NotImplementedError
 
     def _button(self, answer: Any) -> str | None:
-        """A button from a bare string or {"button": ...}; anything else is an invalid answer."""
+        """A button from a bare string or {"button": ..., "reasoning"?, "scene_description"?}; anything
+        else is an invalid answer."""
+        self.explanation = ("", "")
         if isinstance(answer, str):
             text = answer.strip()
             try:
@@ -98,6 +103,7 @@ class Labeler:
             except ValueError:
                 answer = text
         if isinstance(answer, dict):
+            self.explanation = (str(answer.get("reasoning") or ""), str(answer.get("scene_description") or ""))
             answer = answer.get("button")
         if isinstance(answer, str) and answer.strip().lower() in BUTTONS:
             return answer.strip().lower()
@@ -111,10 +117,12 @@ class ExpertLabeler(Labeler):
     name = "expert"
 
     def label(self, request, turn):
-        button = _play_info(turn).get("expert_button")
+        info = _play_info(turn)
+        button = info.get("expert_button")
         if button not in BUTTONS:
             self.failures["no_expert_button"] += 1
             return None
+        self.explanation = (info.get("expert_reasoning") or "", info.get("expert_observations") or "")
         return button
 
 
@@ -208,6 +216,8 @@ def relabel_session(session_dir: Path, runs_out: Path, labeler: Labeler) -> Rela
         parsed.setdefault("play", {})["pressed"] = pressed
         parsed["play"]["labeler"] = labeler.name
         parsed["button_presses"] = [button] if button else []
+        # The answer trained on is the labeler's: its button with its reasoning (never the player's).
+        parsed["reasoning"], parsed["observations"] = labeler.explanation if button else ("", "")
         turn["button_presses"] = parsed["button_presses"]
         turn["ai_analysis"]["raw_text"] = "```json\n" + json.dumps(parsed, indent=2) + "\n```"
         result.labelled += button is not None

@@ -504,10 +504,8 @@ def explain(scene: Scene, button: str) -> tuple[str, str, str]:
             "dialogue",
         )
     name = _goal_name(scene)
-    obs = (
-        f"Player at tile {scene.player[0]},{scene.player[1]} facing {scene.facing}; "
-        f"{name} at tile {scene.goal[0]},{scene.goal[1]}."
-    )
+    where = f"at tile {scene.goal[0]},{scene.goal[1]}" if scene.goal != (-1, -1) else "not on screen"
+    obs = f"Player at tile {scene.player[0]},{scene.player[1]} facing {scene.facing}; {name} {where}."
     if button == "a":
         return f"Standing next to the {name} and facing it; press A to interact.", obs, "navigation"
     if scene.player in stand_tiles(scene):

@@ -40,6 +40,11 @@ def decisions(session: Path) -> list[list[str]]:
 
 
 def labels_by_turn(runs_parent: Path, out: Path) -> dict[int, str]:
+    return {t: answer["button"] for t, answer in answers_by_turn(runs_parent, out).items()}
+
+
+def answers_by_turn(runs_parent: Path, out: Path) -> dict[int, dict]:
+    """The training answer (parsed JSON) of each converted window, by its last turn."""
     convert_corpus(
         runs_parent,
         out,
@@ -51,7 +56,7 @@ def labels_by_turn(runs_parent: Path, out: Path) -> dict[int, str]:
         warn=lambda line: None,
     )
     rows = [json.loads(x) for x in (out / "train.jsonl").read_text().splitlines()]
-    return {r["metadata"]["turns"][-1]: r["metadata"]["button"] for r in rows}
+    return {r["metadata"]["turns"][-1]: json.loads(r["output"]) for r in rows}
 
 
 def test_relabelled_windows_carry_the_expert_button_not_the_pressed_one(recorded, tmp_path):
@@ -61,8 +66,15 @@ def test_relabelled_windows_carry_the_expert_button_not_the_pressed_one(recorded
     done = relabel_session(recorded, tmp_path / "relabelled" / "runs", ExpertLabeler())
     assert (done.labelled, done.unlabelled) == (30, 0)
     assert done.changed == sum(expert[t] != pressed[t] for t in expert) > 10  # a random player is mostly wrong
-    labels = labels_by_turn(tmp_path / "relabelled", tmp_path / "data")
+    answers = answers_by_turn(tmp_path / "relabelled", tmp_path / "data")
+    labels = {t: a["button"] for t, a in answers.items()}
     assert labels == expert  # every window, labelled with the expert's button for its last frame's state
+    # ...with the expert's own words, as in the demo sessions it was trained on (not the player's text)
+    play = {t["turn"]: t["ai_analysis"]["parsed_json"]["play"] for t in turns}
+    assert {t: (a["reasoning"], a["scene_description"]) for t, a in answers.items()} == {
+        t: (play[t]["expert_reasoning"], play[t]["expert_observations"]) for t in answers
+    }
+    assert all(a["reasoning"].startswith(("The shortest path", "Next to", "Standing", "A ")) for a in answers.values())
     assert labels_by_turn(recorded.parent.parent, tmp_path / "as_played") == pressed  # the recording itself
 
 

@@ -136,6 +136,26 @@ def test_demo_recording_keeps_the_expert_button_and_converts_to_the_pressed_butt
             assert im.size == (240, 160)
 
 
+def test_expert_play_records_answers_like_the_demo_sessions_expert(tmp_path):
+    """Behaviour cloning trains on these recordings: the expert's reasoning and scene description must be
+    written as in the demo sessions, not left empty (an answer format the model never saw)."""
+    from pokemon_gemma.demo import explain, view_of
+
+    env = DemoWorldEnv(max_steps=12)
+    play(env, ExpertPolicy(), 1, seed=4, runs_dir=tmp_path / "runs")
+    convert_corpus(tmp_path / "runs", tmp_path / "out", min_frames=1, progress=False, warn=lambda line: None)
+    answers = [
+        json.loads(json.loads(line)["output"])
+        for line in (tmp_path / "out" / "pokemon_4frame_dataset_full.jsonl").open()
+    ]
+    assert len(answers) == 12
+    env.reset(seed=4)
+    view = view_of(env.unwrapped.state.scene)
+    reasoning, observations, _ = explain(view, answers[0]["button"])
+    assert (answers[0]["reasoning"], answers[0]["scene_description"]) == (reasoning, observations)
+    assert all(a["reasoning"] and a["scene_description"].startswith(("Player at tile", "Dialogue")) for a in answers)
+
+
 def test_report_files(tmp_path):
     env = DemoWorldEnv(max_steps=40)
     results = {

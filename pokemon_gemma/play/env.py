@@ -43,6 +43,7 @@ from ..demo import (
     apply_button,
     distance_map,
     expert_button,
+    explain,
     make_world,
     place_goal,
     render,
@@ -165,8 +166,12 @@ class DemoWorldEnv(gym.Env):
     def _info(self) -> dict:
         scene = self.state.scene
         view = view_of(scene)
+        button = demo_expert(scene)
+        reasoning, observations, _ = explain(view, button)
         return {
-            "expert_button": demo_expert(scene),
+            "expert_button": button,
+            "expert_reasoning": reasoning,  # what the recordings' expert writes with that button
+            "expert_observations": observations,
             "optimal_steps": self._world_distances().get(scene.player),
             "goal_expert_presses": self._goal_expert_presses,
             "goal_steps": self.state.goal_steps,

@@ -30,6 +30,8 @@ from .record import SessionRecorder, session_name
 STUCK_RUN = 8  # presses in a row that leave the frame unchanged count as stuck from this length on
 INFO_TO_RECORD = (
     "expert_button",
+    "expert_reasoning",
+    "expert_observations",
     "optimal_steps",
     "goals_done",
     "goal_steps",
@@ -184,6 +186,7 @@ def play_episode(
                         obs,
                         button,
                         reasoning=getattr(policy, "last_reasoning", "") or "",
+                        observations=getattr(policy, "last_observations", "") or "",
                         context_detected=info.get("scene_context"),
                         play=play,
                     )

@@ -7,8 +7,8 @@
 first frame is repeated (the converter pads short windows the same way). `context`: the text training
 put beside the frames (`env.goal_context`). `info`: the env's info plus `last_button` (the loop's
 previous press, None at the start). The answer should be one of `BUTTONS`; anything else is counted as
-an invalid answer by the loop and asked again once. A policy may set `last_reasoning` (str) in `act`:
-the recorder writes it as the turn's reasoning.
+an invalid answer by the loop and asked again once. A policy may set `last_reasoning` and
+`last_observations` (str) in `act`: the recorder writes them as the turn's reasoning and observations.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ class Policy:
 
     name = "policy"
     last_reasoning = ""
+    last_observations = ""
 
     def reset(self, seed: int | None = None) -> None:
         """Forget the previous episode; `seed` makes a random policy's episode reproducible."""
@@ -59,6 +60,9 @@ class ExpertPolicy(Policy):
                 "the expert policy needs the demo world's info['expert_button'] "
                 "(use it with pokemon_gemma/DemoWorld-v0, not the emulator)"
             )
+        # Recorded like the demo sessions' expert turns, so its recordings train like them.
+        self.last_reasoning = info.get("expert_reasoning", "")
+        self.last_observations = info.get("expert_observations", "")
         return button
 
 
