@@ -323,10 +323,12 @@ def check_tokens(rows: list[Row], bad_frames: set[str], s: Settings, report: Rep
         shortened += sample.context_shortened
     values = [n for n, _ in lengths]
     report.token_lengths = values
+    # What the longest sample's images get (Gemma 4: by image size, up to the budget per image).
+    longest_sizes = collator.record_sizes(longest_first[0][1].record)
     stats = {
         "tokens_per_image": collator.tokens_per_image,
         "images_per_sample": collator.n_images,
-        "image_tokens_per_sample": collator.tokens_per_image * collator.n_images,
+        "image_tokens_per_sample": sum(collator.image_counts(longest_sizes, collator.n_images)),
         "max": max(values),
         "p95": percentile(values, 0.95),
         "mean": sum(values) / len(values),

@@ -25,9 +25,11 @@ def backend(tiny_model_dir):
     return load_backend(str(tiny_model_dir))
 
 
-def test_model_policy_uses_cached_frame_features_and_scores_like_the_backend(backend):
+@pytest.mark.parametrize("family_dir", ["tiny_model_dir", "tiny_gemma4_dir"])
+def test_model_policy_uses_cached_frame_features_and_scores_like_the_backend(family_dir, request):
     """The policy's per-frame feature cache gives the backend's own uncached scores; after the first
-    press only the one new frame goes through the vision tower."""
+    press only the one new frame goes through the vision tower (Gemma 3 and Gemma 4)."""
+    backend = load_backend(str(request.getfixturevalue(family_dir)))
     env = DemoWorldEnv(max_steps=6)
     policy = ModelPolicy(backend, unstick=False)
     policy.reset(0)

@@ -83,6 +83,21 @@ def test_good_dataset_passes(tiny_model_dir, tmp_path, capsys, monkeypatch):
     assert code == 0 and grid["tokens"]["image_tokens_per_sample"] == 16
 
 
+def test_gemma4_token_budget_follows_its_image_budget(tiny_gemma4_dir, tmp_path, capsys):
+    """Gemma 4's soft tokens per frame come from --image_tokens (60 at budget 70, 126 at 140 for a
+    240x160 frame): the budget check counts what that family's processor makes."""
+    train, _ = good_dataset(tmp_path / "data")
+    budgets = {}
+    for budget in (70, 140):
+        code, _, err, report = run(
+            capsys, tmp_path, "--dataset_path", train, "--model_name", tiny_gemma4_dir, "--image_tokens", budget
+        )
+        assert code == 0, err
+        budgets[budget] = report["tokens"]["image_tokens_per_sample"]
+        assert budgets[budget] < report["tokens"]["p95"] <= report["tokens"]["max"] <= 2048
+    assert budgets == {70: 4 * 60, 140: 4 * 126}
+
+
 def _missing_frame(train, val):
     rows = [json.loads(line) for line in train.read_text().splitlines()]
     (train.parent / rows[4]["frames"][2]).unlink()
