@@ -23,7 +23,7 @@ PORT=${DEMO_PORT:-8765}
 PLAY_EPISODES=${DEMO_PLAY_EPISODES:-50}
 mkdir -p "$DEMO_DIR"
 FAMILY=${DEMO_FAMILY:-gemma3}
-TINY=$DEMO_DIR/tiny-$FAMILY DATA=$DEMO_DIR/data RUN=$DEMO_DIR/run DEMO_ENV=$DEMO_DIR/demo.env
+TINY=$DEMO_DIR/tiny-$FAMILY DATA=$DEMO_DIR/data RUN=$DEMO_DIR/run DEMO_ENV=$DEMO_DIR/demo.env PIPE=$DEMO_DIR/pipeline
 START=$(date +%s)
 stage() { printf '\n== [%4ss] %s\n' "$(( $(date +%s) - START ))" "$*"; }
 
@@ -74,57 +74,44 @@ stage "play: the trained model in control of the demo world, beside random, repe
 $PY scripts/play.py --model_path "$RUN" --policy model,random,repeat_last,expert --episodes "$PLAY_EPISODES" \
     --max_steps 120 --goals_per_episode 3 --gif 3 --output_dir "$DEMO_DIR/play"
 
-stage "merge LoRA into the base (hub weight names) and export to MLX"
-$PY scripts/merge_qlora.py --base_model "$TINY" --lora_path "$RUN" --output_path "$DEMO_DIR/merged" --dtype fp32 \
-    --verify_data "$DATA/val.jsonl" --overwrite
+stage "production pipeline: merge -> evaluate -> play -> gate -> MLX -> evaluate -> register -> serve -> monitor -> promote"
+$PY scripts/setup_wandb.py --validate
+# The gate: the model must beat the best trivial baseline (majority / repeat-last) on the held-out set.
+GATE=$($PY -c 'import json,sys; b=json.load(open(sys.argv[1]))["baselines"]; print(max(b["majority"]["accuracy"], b["repeat_last"]["accuracy"]))' "$DEMO_DIR/eval/eval_report.json")
+# The play gate: the model must finish more goals than the best trivial policy (random / repeat-last) did.
+PLAY_GATE=$($PY -c 'import json,sys; p=json.load(open(sys.argv[1]))["policies"]; print(max(p["random"]["success_rate"], p["repeat_last"]["success_rate"]))' "$DEMO_DIR/play/play_report.json")
 # The tiny model's 64-wide rows make 4-bit too coarse (verification fails); real models use 4.
-$PY scripts/convert_to_mlx.py --model_path "$DEMO_DIR/merged" --output_path "$DEMO_DIR/mlx" --quantization_bits none \
-    --verify_data "$DATA/val.jsonl" --overwrite
-$PY scripts/evaluate.py --model_name "$DEMO_DIR/mlx" --dataset_path "$DATA/test.jsonl" \
-    --train_dataset_path "$DATA/train.jsonl" --output_dir "$DEMO_DIR/eval_mlx"
-EVALS=("$DEMO_DIR/eval" "$DEMO_DIR/eval_mlx")
-EXPORTS=("$DEMO_DIR/mlx")
-if [ "$GGUF" = 1 ]; then
-  stage "export to GGUF with llama.cpp's converter (text model + mmproj, q8_0) and score it with llama.cpp"
-  $PY scripts/convert_to_gguf.py --model_path "$DEMO_DIR/merged" --output_dir "$DEMO_DIR/gguf" --quantization q8_0 \
+if ! $PY scripts/production_pipeline.py --checkpoint "$RUN" --eval_dataset "$DATA/test.jsonl" \
+    --output_dir "$PIPE" --registry_db "$DEMO_DIR/registry.db" --name pokemon-gemma-demo --merge_dtype fp32 \
+    --min_accuracy "$GATE" --min_play_success "$PLAY_GATE" --mlx_bits none --mlx_verify_samples 16 --serve --port "$PORT" --monitor_checks 3; then
+  # A gate refusal is the pipeline doing its job; any other failed stage is a real error.
+  FAILED=$($PY -c 'import json,sys; s=json.load(open(sys.argv[1])); print(next((k for k,v in s.get("stages",{}).items() if v.get("status")=="failed"), "?"))' "$PIPE/pipeline_state.json")
+  [ "$FAILED" = gate ] || { echo "error: production pipeline failed at stage $FAILED" >&2; exit 1; }
+  echo "the gate refused this model (held-out accuracy not above the best baseline $GATE): nothing was registered"
+fi
+$PY scripts/model_registry.py --registry_db "$DEMO_DIR/registry.db" list
+
+EVALS=("$DEMO_DIR/eval")
+EXPORTS=()
+[ -d "$PIPE/mlx" ] && { EVALS+=("$PIPE/eval/mlx"); EXPORTS+=("$PIPE/mlx"); }
+if [ "$GGUF" = 1 ] && [ -d "$PIPE/merged" ]; then
+  stage "export the pipeline's merged model to GGUF with llama.cpp's converter (text model + mmproj, q8_0)"
+  $PY scripts/convert_to_gguf.py --model_path "$PIPE/merged" --output_dir "$DEMO_DIR/gguf" --quantization q8_0 \
       --verify_data "$DATA/val.jsonl" --overwrite
   $PY scripts/evaluate.py --model_name "$DEMO_DIR/gguf" --dataset_path "$DATA/test.jsonl" \
       --train_dataset_path "$DATA/train.jsonl" --output_dir "$DEMO_DIR/eval_gguf"
   EVALS+=("$DEMO_DIR/eval_gguf")
   EXPORTS+=("$DEMO_DIR/gguf")
 fi
-echo "Exports vs the PyTorch model they came from (verification samples of each export):"
-$PY -m pokemon_gemma.export.compare "${EXPORTS[@]}"
-echo "PyTorch adapter vs the exports on the held-out sessions:"
-$PY scripts/evaluate.py --compare "${EVALS[@]}"
-
-stage "serve the merged model and watch it with the health monitor"
-$PY scripts/inference_server.py --model_path "$DEMO_DIR/merged" --port "$PORT" >"$DEMO_DIR/server.log" 2>&1 &
-SERVER_PID=$!
-trap 'kill -TERM "$SERVER_PID" 2>/dev/null || true' EXIT
-$PY scripts/health_monitor.py --server_url "http://127.0.0.1:$PORT" --wait_ready 180 --max_checks 3 --interval 1 \
-    --latency_threshold_ms 30000 --output "$DEMO_DIR/status.jsonl"
-kill -TERM "$SERVER_PID"; wait "$SERVER_PID" || true
-trap - EXIT
-
-stage "production pipeline: merge -> evaluate -> gate -> MLX -> evaluate -> register -> serve -> monitor -> promote"
-$PY scripts/setup_wandb.py --validate
-# The gate: the model must beat the best trivial baseline (majority / repeat-last) on the held-out set.
-GATE=$($PY -c 'import json,sys; b=json.load(open(sys.argv[1]))["baselines"]; print(max(b["majority"]["accuracy"], b["repeat_last"]["accuracy"]))' "$DEMO_DIR/eval/eval_report.json")
-# The play gate: the model must finish more goals than the best trivial policy (random / repeat-last) did.
-PLAY_GATE=$($PY -c 'import json,sys; p=json.load(open(sys.argv[1]))["policies"]; print(max(p["random"]["success_rate"], p["repeat_last"]["success_rate"]))' "$DEMO_DIR/play/play_report.json")
-if ! $PY scripts/production_pipeline.py --checkpoint "$RUN" --eval_dataset "$DATA/test.jsonl" \
-    --output_dir "$DEMO_DIR/pipeline" --registry_db "$DEMO_DIR/registry.db" --name pokemon-gemma-demo \
-    --min_accuracy "$GATE" --min_play_success "$PLAY_GATE" --mlx_bits none --mlx_verify_samples 16 --serve --port "$PORT" --monitor_checks 3; then
-  # A gate refusal is the pipeline doing its job; any other failed stage is a real error.
-  FAILED=$($PY -c 'import json,sys; s=json.load(open(sys.argv[1])); print(next((k for k,v in s.get("stages",{}).items() if v.get("status")=="failed"), "?"))' "$DEMO_DIR/pipeline/pipeline_state.json")
-  [ "$FAILED" = gate ] || { echo "error: production pipeline failed at stage $FAILED" >&2; exit 1; }
-  echo "the gate refused this model (held-out accuracy not above the best baseline $GATE): nothing was registered"
+if [ "${#EXPORTS[@]}" -gt 0 ]; then
+  echo "Exports vs the PyTorch model they came from (verification samples of each export):"
+  $PY -m pokemon_gemma.export.compare "${EXPORTS[@]}"
+  echo "PyTorch adapter vs the exports on the held-out sessions:"
+  $PY scripts/evaluate.py --compare "${EVALS[@]}"
 fi
-$PY scripts/model_registry.py --registry_db "$DEMO_DIR/registry.db" list
 
 stage "done"
 echo "evaluation:      $DEMO_DIR/eval/eval_report.md (black frames: $DEMO_DIR/eval_blank/eval_report.md)"
 echo "play:            $DEMO_DIR/play/play_report.md (GIFs in $DEMO_DIR/play/gifs/)"
 echo "training curves: $RUN/training_curves.png"
-echo "pipeline report: $DEMO_DIR/pipeline/pipeline_report.md"
+echo "pipeline report: $PIPE/pipeline_report.md (merged model: $PIPE/merged, MLX: $PIPE/mlx)"
