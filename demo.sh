@@ -87,7 +87,8 @@ if ! $PY scripts/production_pipeline.py --checkpoint "$RUN" --eval_dataset "$DAT
   # A gate refusal is the pipeline doing its job; any other failed stage is a real error.
   FAILED=$($PY -c 'import json,sys; s=json.load(open(sys.argv[1])); print(next((k for k,v in s.get("stages",{}).items() if v.get("status")=="failed"), "?"))' "$PIPE/pipeline_state.json")
   [ "$FAILED" = gate ] || { echo "error: production pipeline failed at stage $FAILED" >&2; exit 1; }
-  echo "the gate refused this model (held-out accuracy not above the best baseline $GATE): nothing was registered"
+  echo "the gate refused this model (offline: best baseline $GATE; play: best trivial policy $PLAY_GATE; the reason" \
+       "is above and in $PIPE/pipeline_report.md): nothing was registered"
 fi
 $PY scripts/model_registry.py --registry_db "$DEMO_DIR/registry.db" list
 
@@ -114,4 +115,4 @@ stage "done"
 echo "evaluation:      $DEMO_DIR/eval/eval_report.md (black frames: $DEMO_DIR/eval_blank/eval_report.md)"
 echo "play:            $DEMO_DIR/play/play_report.md (GIFs in $DEMO_DIR/play/gifs/)"
 echo "training curves: $RUN/training_curves.png"
-echo "pipeline report: $PIPE/pipeline_report.md (merged model: $PIPE/merged, MLX: $PIPE/mlx)"
+echo "pipeline report: $PIPE/pipeline_report.md"
