@@ -108,11 +108,12 @@ class CtrlC(Scripted):
 
 def test_ctrl_c_finishes_the_step_and_returns_what_was_played(tmp_path):
     env = DemoWorldEnv(max_steps=50)
+    before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN in a backgrounded run
     episodes = play(env, CtrlC(["up"]), 3, seed=0, runs_dir=tmp_path / "runs")
     assert len(episodes) == 1 and episodes[0].interrupted and episodes[0].steps == 5
     data = json.loads((Path(episodes[0].session_dir) / "session_data.json").read_text())
     assert data["session_metadata"]["status"] == "interrupted" and len(data["turns"]) == 5
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is restored
+    assert signal.getsignal(signal.SIGINT) is before  # the caller's handler is restored
 
 
 def test_demo_recording_keeps_the_expert_button_and_converts_to_the_pressed_buttons(tmp_path):
