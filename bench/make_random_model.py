@@ -142,9 +142,8 @@ SIZES = {**{s: "gemma3" for s in GEMMA3_TEXT}, **{s: "gemma4" for s in GEMMA4_TE
 def gemma3_config(size: str, text_layers: int | None, vision_layers: int | None):
     from transformers import Gemma3Config
 
-    from pokemon_gemma.tiny import build_tokenizer
+    from pokemon_gemma.tiny import build_tokenizer, set_token_ids
 
-    ids = build_tokenizer().convert_tokens_to_ids
     text = dict(
         GEMMA3_TEXT[size],
         vocab_size=GEMMA3_VOCAB,
@@ -159,15 +158,8 @@ def gemma3_config(size: str, text_layers: int | None, vision_layers: int | None)
         text["num_hidden_layers"] = text_layers
     if vision_layers:
         vision["num_hidden_layers"] = vision_layers
-    config = Gemma3Config(
-        text_config=text,
-        vision_config=vision,
-        mm_tokens_per_image=GEMMA3_MM_TOKENS,
-        boi_token_index=ids("<start_of_image>"),
-        eoi_token_index=ids("<end_of_image>"),
-        image_token_index=ids("<image_soft_token>"),
-    )
-    config.hidden_size = text["hidden_size"]  # the hub's configs carry it at the top level too
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=GEMMA3_MM_TOKENS)
+    set_token_ids(config, build_tokenizer())
     return config
 
 
@@ -227,20 +219,11 @@ def count_params(size: str, audio: bool = True, **layers) -> int:
 # ----------------------------------------------------------------------------------------------- writing
 def save_processor(size: str, output_dir: Path) -> None:
     if SIZES[size] == "gemma3":
-        from transformers import Gemma3Processor
-        from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+        from pokemon_gemma import tiny
 
-        from pokemon_gemma.tiny import GEMMA3_CHAT_TEMPLATE, build_tokenizer
-
-        image_processor = Gemma3ImageProcessorPil(
-            size={"height": 896, "width": 896}, image_mean=[0.5] * 3, image_std=[0.5] * 3, resample=2
+        tiny.build_processor(tiny.build_tokenizer(), GEMMA3_VISION["image_size"], GEMMA3_MM_TOKENS).save_pretrained(
+            output_dir
         )
-        Gemma3Processor(
-            image_processor=image_processor,
-            tokenizer=build_tokenizer(),
-            chat_template=GEMMA3_CHAT_TEMPLATE,
-            image_seq_length=GEMMA3_MM_TOKENS,
-        ).save_pretrained(output_dir)
         return
     from pokemon_gemma import tiny_gemma4
 

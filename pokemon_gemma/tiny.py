@@ -214,8 +214,7 @@ def build_tiny_model(
 ) -> Path:
     """Write a tiny random Gemma 3 + tokenizer + processor to `output_dir` and return the path
     (`mm_tokens_per_image=256` with `image_size=128`: the real Gemma 3's prompt length)."""
-    from transformers import Gemma3ForConditionalGeneration, Gemma3Processor, GenerationConfig
-    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+    from transformers import Gemma3ForConditionalGeneration, GenerationConfig
 
     from .hub_names import rename_to_hub
 
@@ -224,11 +223,7 @@ def build_tiny_model(
     tokenizer = build_tokenizer()
     ids = tokenizer.convert_tokens_to_ids
     config = tiny_config(len(tokenizer), image_size, hidden_size=hidden_size, mm_tokens_per_image=mm_tokens_per_image)
-    config.boi_token_index = ids("<start_of_image>")
-    config.eoi_token_index = ids("<end_of_image>")
-    config.image_token_index = ids("<image_soft_token>")
-    # A top-level hidden_size, as real Gemma 3 configs on the hub carry (MLX export reads it).
-    config.hidden_size = config.text_config.hidden_size
+    set_token_ids(config, tokenizer)
 
     torch.manual_seed(seed)
     model = Gemma3ForConditionalGeneration(config)
@@ -249,18 +244,35 @@ def build_tiny_model(
     # (vision_tower.vision_model.*) are what other tools read, and transformers keeps them from here on.
     rename_to_hub(output_dir)
 
+    build_processor(tokenizer, image_size, config.mm_tokens_per_image).save_pretrained(output_dir)
+    make_readable(output_dir)  # safetensors writes 0600
+    return output_dir
+
+
+def set_token_ids(config, tokenizer) -> None:
+    """Point a Gemma3Config's image token ids at the tiny tokenizer's (the real ones are > 255k) and
+    give it the top-level hidden_size real Gemma 3 configs on the hub carry (MLX export reads it)."""
+    ids = tokenizer.convert_tokens_to_ids
+    config.boi_token_index = ids("<start_of_image>")
+    config.eoi_token_index = ids("<end_of_image>")
+    config.image_token_index = ids("<image_soft_token>")
+    config.hidden_size = config.text_config.hidden_size
+
+
+def build_processor(tokenizer, image_size: int, mm_tokens_per_image: int):
+    """A Gemma3Processor for square `image_size` images of `mm_tokens_per_image` soft tokens."""
+    from transformers import Gemma3Processor
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
     image_processor = Gemma3ImageProcessorPil(
         size={"height": image_size, "width": image_size},
         image_mean=[0.5] * 3,
         image_std=[0.5] * 3,
         resample=2,
     )
-    processor = Gemma3Processor(
+    return Gemma3Processor(
         image_processor=image_processor,
         tokenizer=tokenizer,
         chat_template=GEMMA3_CHAT_TEMPLATE,
-        image_seq_length=config.mm_tokens_per_image,
+        image_seq_length=mm_tokens_per_image,
     )
-    processor.save_pretrained(output_dir)
-    make_readable(output_dir)  # safetensors writes 0600
-    return output_dir
