@@ -525,19 +525,25 @@ OUTPUT_NAMES = (FULL_NAME, *(f"{s}.jsonl" for s in SPLITS), "images", "summary.j
 
 @contextmanager
 def _session_results(session_dirs: list[Path], opts: ConvertOptions, workers: int) -> Iterator[Iterable[SessionResult]]:
-    """Each session's SessionResult in folder order, from a process pool with `workers > 1`."""
+    """Each session's SessionResult in folder order, from a process pool with `workers > 1`.
+
+    On an error the pending sessions are cancelled and the running ones finish: multiprocessing.Pool's
+    terminate() could deadlock here (a worker killed while the task thread held the queue lock; seen
+    on a full disk under load), which hung the CLI instead of printing its one-line error."""
     work = partial(convert_session, opts=opts)
     if workers <= 1 or len(session_dirs) <= 1:
         yield map(work, session_dirs)
         return
     import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
-    pool = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn").Pool(workers)
-    try:
-        yield pool.imap(work, [str(d) for d in session_dirs], chunksize=1)  # ordered: output independent of workers
-    finally:
-        pool.terminate()
-        pool.join()
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        futures = [pool.submit(work, str(d)) for d in session_dirs]
+        try:
+            yield (f.result() for f in futures)  # ordered: output independent of workers
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def convert_corpus(
