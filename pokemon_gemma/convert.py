@@ -538,12 +538,12 @@ def _session_results(session_dirs: list[Path], opts: ConvertOptions, workers: in
     from concurrent.futures import ProcessPoolExecutor
 
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=context)
+    try:
         futures = [pool.submit(work, str(d)) for d in session_dirs]
-        try:
-            yield (f.result() for f in futures)  # ordered: output independent of workers
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+        yield (f.result() for f in futures)  # ordered: output independent of workers
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def convert_corpus(
