@@ -57,6 +57,10 @@ def pipeline(inputs, *extra, out=None):
         "none",
         "--mlx_verify_samples",
         "2",
+        "--export_eval_limit",
+        "2",
+        "--eval_batch_size",
+        "2",
         *extra,
     ]
     return subprocess.run(
@@ -122,8 +126,12 @@ def test_gate_fail_resume_serve_promote_and_rerun_skips(inputs, tiny_model_dir, 
     assert st["stages"]["merge"]["ended_at"] == merged_at
     statuses = {k: v["status"] for k, v in st["stages"].items()}
     assert statuses == {**{k: "done" for k in statuses}, "play": "skipped"}, statuses
-    mlx_acc = json.loads((inputs["out"] / "eval" / "mlx" / "eval_report.json").read_text())["accuracy"]
+    mlx_report = json.loads((inputs["out"] / "eval" / "mlx" / "eval_report.json").read_text())
+    mlx_acc = mlx_report["accuracy"]
     assert st["stages"]["evaluate_export"]["outputs"]["accuracy"] == mlx_acc
+    merged_report = json.loads((inputs["out"] / "eval" / "merged" / "eval_report.json").read_text())
+    # --export_eval_limit 2 of the 3 samples for the MLX export only; --eval_batch_size reaches evaluate.py.
+    assert (merged_report["n"], mlx_report["n"], merged_report["batch_size"]) == (3, 2, 2)
     assert (inputs["out"] / "mlx" / "export_manifest.json").is_file()
     got = versions(inputs)
     assert [(v.version, v.stage) for v in got] == [(1, "archived"), (2, "production")]

@@ -73,6 +73,16 @@ def main(argv=None) -> int:
     p.add_argument("--port", type=int, default=s.port, help=f"server port for --serve (env PORT; default: {s.port})")
     p.add_argument("--eval_limit", type=int, default=None, help="evaluate only the first N samples (quick runs)")
     p.add_argument(
+        "--export_eval_limit",
+        type=int,
+        default=None,
+        help="evaluate the MLX export on only the first N samples (MLX scores one sample at a time; "
+        "default: --eval_limit)",
+    )
+    p.add_argument(
+        "--eval_batch_size", type=int, default=8, help="samples per model call in the evaluations (default 8)"
+    )
+    p.add_argument(
         "--merge_dtype",
         choices=("bf16", "fp16", "fp32"),
         default="bf16",
@@ -124,6 +134,8 @@ def main(argv=None) -> int:
         host=args.host,
         registry_db=args.registry_db,
         eval_limit=args.eval_limit,
+        export_eval_limit=args.export_eval_limit,
+        eval_batch_size=args.eval_batch_size,
         monitor_checks=args.monitor_checks,
         merge_dtype=args.merge_dtype,
         mlx_bits=args.mlx_bits,

@@ -48,6 +48,8 @@ class PipelineConfig:
     host: str = "127.0.0.1"
     registry_db: str = "models/registry.db"
     eval_limit: int | None = None
+    export_eval_limit: int | None = None  # the MLX export's evaluation (slow on CPU); None: eval_limit
+    eval_batch_size: int = 8
     monitor_checks: int = 3
     merge_dtype: str = "bf16"
     mlx_bits: str = "4"  # 4, 8 or none (passed to convert_to_mlx.py --quantization_bits)
@@ -117,11 +119,16 @@ def read_accuracy(eval_dir: str | Path) -> float:
     return float(value)
 
 
-def _eval_flags(ctx: Ctx, model: str, out: str) -> list[str]:
+def _eval_flags(ctx: Ctx, model: str, out: str, limit: int | None) -> list[str]:
     flags = ["--model_name", model, "--dataset_path", ctx.cfg.eval_dataset, "--output_dir", out, "--no_progress"]
-    if ctx.cfg.eval_limit:
-        flags += ["--limit", str(ctx.cfg.eval_limit)]
+    flags += ["--batch_size", str(ctx.cfg.eval_batch_size)]
+    if limit:
+        flags += ["--limit", str(limit)]
     return flags
+
+
+def _export_eval_limit(ctx: Ctx) -> int | None:
+    return ctx.cfg.export_eval_limit or ctx.cfg.eval_limit
 
 
 def _base_model(ctx: Ctx) -> str:
@@ -308,7 +315,7 @@ STAGES: list[Stage] = [
         "evaluate",
         "evaluate the merged model",
         "evaluate.py",
-        command=lambda ctx: _eval_flags(ctx, ctx.model_dir, str(ctx.out / "eval" / "merged")),
+        command=lambda ctx: _eval_flags(ctx, ctx.model_dir, str(ctx.out / "eval" / "merged"), ctx.cfg.eval_limit),
         outputs=lambda ctx: {"eval_dir": str(ctx.out / "eval" / "merged")},
         fresh_dirs=lambda ctx: [ctx.out / "eval" / "merged"],
         needs=("merge",),
@@ -364,13 +371,18 @@ STAGES: list[Stage] = [
         "evaluate_export",
         "evaluate the MLX export",
         "evaluate.py",
-        command=lambda ctx: _eval_flags(ctx, ctx.output("export_mlx", "mlx_dir"), str(ctx.out / "eval" / "mlx")),
+        command=lambda ctx: _eval_flags(
+            ctx, ctx.output("export_mlx", "mlx_dir"), str(ctx.out / "eval" / "mlx"), _export_eval_limit(ctx)
+        ),
         skip=lambda ctx: None if ctx.output("export_mlx", "mlx_dir") else "no MLX export",
-        outputs=lambda ctx: {"eval_dir": str(ctx.out / "eval" / "mlx")},
+        outputs=lambda ctx: {"eval_dir": str(ctx.out / "eval" / "mlx"), "limit": _export_eval_limit(ctx)},
         fresh_dirs=lambda ctx: [ctx.out / "eval" / "mlx"],
         needs=("export_mlx",),
         after=lambda ctx, r: {"accuracy": read_accuracy(ctx.out / "eval" / "mlx")},
-        still_valid=_files_exist("eval_dir"),
+        # Another --export_eval_limit re-evaluates the export.
+        still_valid=lambda ctx, e: (
+            _files_exist("eval_dir")(ctx, e) and e.get("outputs", {}).get("limit") == _export_eval_limit(ctx)
+        ),
     ),
     Stage(
         "register",
