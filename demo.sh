@@ -17,10 +17,13 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false HF_HUB
        WANDB_SILENT=true PYTHONUNBUFFERED=1
 PY=.venv/bin/python
 DEMO_DIR=${DEMO_DIR:-demo_output}
-SESSIONS=${DEMO_SESSIONS:-600}
+SESSIONS=${DEMO_SESSIONS:-480}
 EPOCHS=${DEMO_EPOCHS:-3}
 PORT=${DEMO_PORT:-8765}
-PLAY_EPISODES=${DEMO_PLAY_EPISODES:-50}
+PLAY_EPISODES=${DEMO_PLAY_EPISODES:-30}
+# Training uses every core: one single-thread process per core (DDP over gloo), effective batch 16 either way.
+PROCS=${DEMO_PROCESSES:-$(( $(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc) >= 2 ? 2 : 1 ))}  # nproc obeys OMP_NUM_THREADS
+case "$PROCS" in 1|2|4|8|16) ;; *) echo "error: DEMO_PROCESSES=$PROCS: use 1, 2, 4, 8 or 16 (a divisor of the effective batch 16)" >&2; exit 2;; esac
 mkdir -p "$DEMO_DIR"
 FAMILY=${DEMO_FAMILY:-gemma3}
 # LoRA on the vision tower too for Gemma 3; Gemma 4's tiny vision tower collapses under LoRA (every soft token
@@ -51,13 +54,15 @@ $PY scripts/validate_training.py --env_file "$DEMO_ENV" --dataset_path "$DATA/tr
 
 stage "find the batch size (real training steps, one child process per probe)"
 $PY scripts/find_batch_size.py --env_file "$DEMO_ENV" --dataset_path "$DATA/train.jsonl" --model_name "$TINY" \
-    --no-use_peft --max_batch_size 16 --target_effective_batch 16 --output "$DEMO_DIR/batch_size_results.json" --update_env
+    --no-use_peft --max_batch_size $(( 16 / PROCS )) --target_effective_batch 16 --num_processes "$PROCS" \
+    --output "$DEMO_DIR/batch_size_results.json" --update_env
 BATCH_SIZE=$(sed -n 's/^BATCH_SIZE=//p' "$DEMO_ENV" | tail -1)
 GRAD_ACCUM=$(sed -n 's/^GRAD_ACCUM=//p' "$DEMO_ENV" | tail -1)
 echo "batch size $BATCH_SIZE x grad accum $GRAD_ACCUM"
 
-stage "train a LoRA adapter (hand-written accelerate loop, $EPOCHS epochs)"
-ACCELERATE_CONFIG=accelerate_configs/cpu.yaml PYTHON=$PY ./train_gemma3.sh \
+stage "train a LoRA adapter (hand-written accelerate loop, $EPOCHS epochs, $PROCS CPU process(es))"
+sed "s/^num_processes: .*/num_processes: $PROCS/" accelerate_configs/cpu.yaml > "$DEMO_DIR/accelerate_cpu.yaml"
+ACCELERATE_CONFIG=$DEMO_DIR/accelerate_cpu.yaml PYTHON=$PY ./train_gemma3.sh \
     --model_name "$TINY" --dataset_path "$DATA/train.jsonl" --eval_dataset_path "$DATA/val.jsonl" \
     --output_dir "$RUN" --num_epochs "$EPOCHS" --batch_size "$BATCH_SIZE" --grad_accum "$GRAD_ACCUM" \
     --learning_rate 3e-3 --warmup_ratio 0.03 --lora_r 32 --lora_alpha 64 --lora_dropout 0.0 \
@@ -66,14 +71,18 @@ ACCELERATE_CONFIG=accelerate_configs/cpu.yaml PYTHON=$PY ./train_gemma3.sh \
 $PY scripts/plot_training.py --run_dir "$RUN"
 
 stage "evaluate on held-out sessions, and with black frames"
+# The black-frames run goes on the other core at the same time (its output: $DEMO_DIR/eval_blank.log).
 $PY scripts/evaluate.py --model_name "$RUN" --dataset_path "$DATA/test.jsonl" --train_dataset_path "$DATA/train.jsonl" \
-    --output_dir "$DEMO_DIR/eval"
+    --output_dir "$DEMO_DIR/eval_blank" --blank_frames --batch_size 16 --no_progress > "$DEMO_DIR/eval_blank.log" 2>&1 &
+BLANK_PID=$!
 $PY scripts/evaluate.py --model_name "$RUN" --dataset_path "$DATA/test.jsonl" --train_dataset_path "$DATA/train.jsonl" \
-    --output_dir "$DEMO_DIR/eval_blank" --blank_frames
+    --output_dir "$DEMO_DIR/eval" --batch_size 16
+wait "$BLANK_PID" || { tail -5 "$DEMO_DIR/eval_blank.log" >&2; echo "error: the black-frames evaluation failed" >&2; exit 1; }
+grep -E '^(accuracy|report)' "$DEMO_DIR/eval_blank.log" | sed 's/^/black frames: /'
 $PY scripts/evaluate.py --compare "$DEMO_DIR/eval" "$DEMO_DIR/eval_blank"
 
 stage "play: the trained model in control of the demo world, beside random, repeat-last and the expert"
-# 50 seeded episodes of 3 goals within 120 presses; every policy plays the same episodes.
+# $PLAY_EPISODES seeded episodes of 3 goals within 120 presses; every policy plays the same episodes.
 $PY scripts/play.py --model_path "$RUN" --policy model,random,repeat_last,expert --episodes "$PLAY_EPISODES" \
     --max_steps 120 --goals_per_episode 3 --gif 3 --output_dir "$DEMO_DIR/play"
 
@@ -83,10 +92,13 @@ $PY scripts/setup_wandb.py --validate
 GATE=$($PY -c 'import json,sys; b=json.load(open(sys.argv[1]))["baselines"]; print(max(b["majority"]["accuracy"], b["repeat_last"]["accuracy"]))' "$DEMO_DIR/eval/eval_report.json")
 # The play gate: the model must finish more goals than the best trivial policy (random / repeat-last) did.
 PLAY_GATE=$($PY -c 'import json,sys; p=json.load(open(sys.argv[1]))["policies"]; print(max(p["random"]["success_rate"], p["repeat_last"]["success_rate"]))' "$DEMO_DIR/play/play_report.json")
+# MLX on a CPU scores one sample at a time (~4/s): its accuracy is measured on the first $MLX_EVAL_LIMIT held-out windows.
+MLX_EVAL_LIMIT=${DEMO_MLX_EVAL_LIMIT:-160}
 # The tiny model's 64-wide rows make 4-bit too coarse (verification fails); real models use 4.
 if ! $PY scripts/production_pipeline.py --checkpoint "$RUN" --eval_dataset "$DATA/test.jsonl" \
     --output_dir "$PIPE" --registry_db "$DEMO_DIR/registry.db" --name pokemon-gemma-demo --merge_dtype fp32 \
-    --min_accuracy "$GATE" --min_play_success "$PLAY_GATE" --mlx_bits none --mlx_verify_samples 16 --serve --port "$PORT" --monitor_checks 3; then
+    --min_accuracy "$GATE" --min_play_success "$PLAY_GATE" --mlx_bits none --mlx_verify_samples 16 --serve --port "$PORT" --monitor_checks 3 \
+    --eval_batch_size 16 --export_eval_limit "$MLX_EVAL_LIMIT"; then
   # A gate refusal is the pipeline doing its job; any other failed stage is a real error.
   FAILED=$($PY -c 'import json,sys; s=json.load(open(sys.argv[1])); print(next((k for k,v in s.get("stages",{}).items() if v.get("status")=="failed"), "?"))' "$PIPE/pipeline_state.json")
   [ "$FAILED" = gate ] || { echo "error: production pipeline failed at stage $FAILED" >&2; exit 1; }
