@@ -2,6 +2,8 @@
 the config, and Gemma 4's prompt, labels and vision inputs are exactly what its processor makes."""
 
 import collections
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -292,3 +294,27 @@ def test_image_token_types_change_attention_only_where_the_family_says(fixture, 
         untyped = model(**{k: v for k, v in batch.items() if k != collator.family.token_type_key}).logits
     differs = float((typed - untyped).abs().max()) > 1e-4
     assert differs == collator.family.images_bidirectional(model.config)
+
+
+def test_make_tiny_model_bidirectional_images_is_gemma4_only(tmp_path):
+    # --bidirectional_images builds the 26B/31B attention setting: token types then change the logits.
+    script = [sys.executable, "scripts/make_tiny_model.py", "--output_dir"]
+    out = subprocess.run(
+        [*script, str(tmp_path / "g4"), "--family", "gemma4", "--bidirectional_images"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    model = load_model(str(tmp_path / "g4")).eval()
+    assert model.config.get_text_config().use_bidirectional_attention == "vision"
+    collator = Collator(load_processor(str(tmp_path / "g4")))
+    assert collator.family.images_bidirectional(model.config)
+    refused = subprocess.run(
+        [*script, str(tmp_path / "g3"), "--bidirectional_images"], cwd=REPO_ROOT, capture_output=True, text=True
+    )
+    assert (
+        refused.returncode == 2
+        and refused.stderr == "error: --bidirectional_images is a Gemma 4 setting, not Gemma 3's\n"
+    )
+    assert not (tmp_path / "g3").exists()

@@ -17,9 +17,20 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--image_tokens", type=int, default=70, help="Gemma 4: soft-token budget per image (70/140/280/560/1120)"
     )
+    parser.add_argument(
+        "--bidirectional_images",
+        action="store_true",
+        help="Gemma 4: images attend bidirectionally on sliding layers (use_bidirectional_attention='vision', "
+        "the 26B-A4B/31B setting; E2B/E4B attend causally)",
+    )
     args = parser.parse_args(argv)
     family = get_family(args.family)
     kwargs = {"max_soft_tokens": args.image_tokens} if family.image_budgets else {"image_size": args.image_size}
+    if args.bidirectional_images:
+        if family.name != "gemma4":
+            print(f"error: --bidirectional_images is a Gemma 4 setting, not {family.display}'s", file=sys.stderr)
+            return 2
+        kwargs["bidirectional"] = "vision"
     try:
         path = family.build_tiny(args.output_dir, seed=args.seed, **kwargs)
     except (ValueError, FamilyError) as exc:
