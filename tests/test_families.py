@@ -297,7 +297,7 @@ def test_image_token_types_change_attention_only_where_the_family_says(fixture, 
 
 
 def test_make_tiny_model_bidirectional_images_is_gemma4_only(tmp_path):
-    # --bidirectional_images builds the 26B/31B attention setting: token types then change the logits.
+    # --bidirectional_images builds the 26B/31B attention setting (images attend both ways on sliding layers).
     script = [sys.executable, "scripts/make_tiny_model.py", "--output_dir"]
     out = subprocess.run(
         [*script, str(tmp_path / "g4"), "--family", "gemma4", "--bidirectional_images"],
