@@ -30,12 +30,11 @@ mkdir -p "$DEMO_DIR"
 # LoRA on the vision tower too for Gemma 3; Gemma 4's tiny vision tower collapses under LoRA (every soft token
 # alike, the frames ignored), so it is left as built; and its images attend bidirectionally (the 26B/31B
 # setting): held-out 0.683 vs 0.508 causal (README). mlx-vlm makes them bidirectional on every layer, not only
-# the sliding ones, so that model's MLX export would not match PyTorch: the pipeline skips it.
-TINY_ARGS=() PIPE_ARGS=()
+# the sliding ones, so that model's MLX export would not match PyTorch: the pipeline skips it, saying why.
+TINY_ARGS=()
 if [ "$FAMILY" = gemma4 ]; then
   LORA_TARGETS=${DEMO_LORA_TARGETS:-language}
   TINY_ARGS=(--bidirectional_images)
-  PIPE_ARGS=(--skip_stages export_mlx,evaluate_export)
 else
   LORA_TARGETS=${DEMO_LORA_TARGETS:-language+vision}
 fi
@@ -108,7 +107,7 @@ MLX_EVAL_LIMIT=${DEMO_MLX_EVAL_LIMIT:-160}
 if ! $PY scripts/production_pipeline.py --checkpoint "$RUN" --eval_dataset "$DATA/test.jsonl" \
     --output_dir "$PIPE" --registry_db "$DEMO_DIR/registry.db" --name pokemon-gemma-demo --merge_dtype fp32 \
     --min_accuracy "$GATE" --min_play_success "$PLAY_GATE" --mlx_bits none --mlx_verify_samples 16 --serve --port "$PORT" --monitor_checks 3 \
-    --eval_batch_size 16 --export_eval_limit "$MLX_EVAL_LIMIT" "${PIPE_ARGS[@]}"; then
+    --eval_batch_size 16 --export_eval_limit "$MLX_EVAL_LIMIT"; then
   # A gate refusal is the pipeline doing its job; any other failed stage is a real error.
   FAILED=$($PY -c 'import json,sys; s=json.load(open(sys.argv[1])); print(next((k for k,v in s.get("stages",{}).items() if v.get("status")=="failed"), "?"))' "$PIPE/pipeline_state.json")
   [ "$FAILED" = gate ] || { echo "error: production pipeline failed at stage $FAILED" >&2; exit 1; }

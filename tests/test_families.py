@@ -2,8 +2,10 @@
 the config, and Gemma 4's prompt, labels and vision inputs are exactly what its processor makes."""
 
 import collections
+import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from pokemon_gemma.collate import IGNORE_INDEX, Collator
 from pokemon_gemma.dataset import load_records
 from pokemon_gemma.families import FamilyError, family_of, get_family
 from pokemon_gemma.modeling import ModelLoadError, apply_lora, load_model, load_processor
+from pokemon_gemma.pipeline.stages import STAGES
 from tests.conftest import REPO_ROOT
 from tests.helpers import write_dataset
 
@@ -154,7 +157,6 @@ def confident_gemma4_dir(tiny_gemma4_dir, eval_dataset, tmp_path_factory):
 
 @pytest.mark.slow  # trains the confident model
 def test_gemma4_score_and_generate_agree_on_a_confident_model(confident_gemma4_dir, eval_dataset, tmp_path):
-    import json
 
     from tests.test_evaluate import run_eval
 
@@ -192,8 +194,6 @@ def test_gemma4_merge_is_verified_and_answers_like_the_adapter(tiny_gemma4_dir, 
 
 @pytest.mark.slow  # trains the confident model and exports it
 def test_gemma4_mlx_export_matches_pytorch_and_scores_like_it(confident_gemma4_dir, eval_dataset, tmp_path):
-    import json
-
     pytest.importorskip("mlx_vlm")
     from pokemon_gemma.export import export_mlx
     from tests.test_evaluate import run_eval
@@ -318,3 +318,32 @@ def test_make_tiny_model_bidirectional_images_is_gemma4_only(tmp_path):
         and refused.stderr == "error: --bidirectional_images is a Gemma 4 setting, not Gemma 3's\n"
     )
     assert not (tmp_path / "g3").exists()
+
+    # mlx-vlm would make those images bidirectional on full layers too: the export and the pipeline refuse it.
+    export = subprocess.run(
+        [
+            sys.executable,
+            "scripts/convert_to_mlx.py",
+            "--model_path",
+            str(tmp_path / "g4"),
+            "--output_path",
+            str(tmp_path / "mlx"),
+            "--quantization_bits",
+            "none",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    reason = "mlx-vlm 0.7.10 makes images attend bidirectionally on every layer"
+    assert export.returncode == 2 and reason in export.stderr, export.stderr
+    assert "Traceback" not in export.stderr and not (tmp_path / "mlx").exists()
+    export_stage = next(stage for stage in STAGES if stage.name == "export_mlx")
+    assert reason in export_stage.skip(SimpleNamespace(model_dir=str(tmp_path / "g4")))
+    causal = tmp_path / "causal"
+    causal.mkdir()
+    config = json.loads((tmp_path / "g4" / "config.json").read_text())
+    config["text_config"]["use_bidirectional_attention"] = None
+    (causal / "config.json").write_text(json.dumps(config))
+    assert export_stage.skip(SimpleNamespace(model_dir=str(causal))) is None

@@ -299,8 +299,9 @@ def export_mlx(
         family = family_of(config.get("model_type"))
     except FamilyError as exc:
         raise ExportError(f"{source}/config.json: {exc}", code=2) from None
-    if family.mlx_unsupported:
-        raise ExportError(f"{source}: {family.mlx_unsupported}", code=2)
+    unsupported = family.mlx_unsupported_reason(config)
+    if unsupported:
+        raise ExportError(f"{source}: {unsupported}", code=2)
     output = check_output_dir(output_path, overwrite)
     source_bytes = weights_bytes(source)
     check_free_disk(output.parent, int(source_bytes * 2.1))  # a rewritten copy + an unquantised export

@@ -53,6 +53,10 @@ class Family:
     def __repr__(self) -> str:
         return f"<family {self.name}>"
 
+    def mlx_unsupported_reason(self, config: dict) -> str | None:
+        """Why mlx-vlm cannot export the model with this config.json (None: it can)."""
+        return self.mlx_unsupported
+
     # --- dependencies and loading
     def check_available(self) -> None:
         """Raise FamilyError when this install cannot load the family's models."""

@@ -84,6 +84,15 @@ class Gemma4(Family):
     def images_bidirectional(self, config) -> bool:
         return config.get_text_config().use_bidirectional_attention == "vision"
 
+    def mlx_unsupported_reason(self, config: dict) -> str | None:
+        # mlx-vlm 0.7.10 overlays the image blocks on full-attention layers too: the export would not match.
+        if (config.get("text_config") or {}).get("use_bidirectional_attention") == "vision":
+            return (
+                "mlx-vlm 0.7.10 makes images attend bidirectionally on every layer, this Gemma 4 "
+                "(use_bidirectional_attention='vision') only on sliding layers: its MLX export could not match PyTorch"
+            )
+        return super().mlx_unsupported_reason(config)
+
     def pixel_inputs(self, processor, images: list, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         out = processor.image_processor(images, return_tensors="pt")
         return {"pixel_values": out["pixel_values"].to(dtype), "image_position_ids": out["image_position_ids"]}

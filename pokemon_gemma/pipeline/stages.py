@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..families import FamilyError, family_of
 from ..registry import Registry, RegistryError
 
 log = logging.getLogger(__name__)
@@ -197,6 +198,15 @@ def read_play(play_dir: str | Path) -> dict[str, Any]:
         raise PipelineError(f"{report}: no model success rate in the play report ({type(exc).__name__})") from None
 
 
+def _mlx_unsupported(ctx: Ctx) -> str | None:
+    """The family's reason mlx-vlm cannot export the merged model (None: export it)."""
+    try:
+        config = json.loads((Path(ctx.model_dir) / "config.json").read_text())
+        return family_of(config.get("model_type")).mlx_unsupported_reason(config)
+    except (OSError, ValueError, FamilyError):
+        return None  # the export stage itself names what is wrong with the folder
+
+
 def _export_flags(ctx: Ctx) -> list[str]:
     flags = [
         "--model_path",
@@ -361,6 +371,7 @@ STAGES: list[Stage] = [
         "export the merged model to MLX",
         "convert_to_mlx.py",
         command=_export_flags,
+        skip=_mlx_unsupported,
         outputs=lambda ctx: {"mlx_dir": str(ctx.out / "mlx")},
         fresh_dirs=lambda ctx: [ctx.out / "mlx"],
         still_valid=_files_exist("mlx_dir"),
