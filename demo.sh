@@ -29,8 +29,9 @@ case "$PROCS" in 1|2|4|8|16) ;; *) echo "error: DEMO_PROCESSES=$PROCS: use 1, 2,
 mkdir -p "$DEMO_DIR"
 # LoRA on the vision tower too for Gemma 3; Gemma 4's tiny vision tower collapses under LoRA (every soft token
 # alike, the frames ignored), so it is left as built; and its images attend bidirectionally (the 26B/31B
-# setting): held-out 0.683 and 0.539 in two runs vs 0.508 causal (README). mlx-vlm makes them bidirectional on every layer, not only
-# the sliding ones, so that model's MLX export would not match PyTorch: the pipeline skips it, saying why.
+# setting): held-out 0.683 and 0.539 in two runs vs 0.508 causal (README). mlx-vlm makes them bidirectional on
+# every layer, not only the sliding ones, so that model's MLX export would not match PyTorch: the pipeline skips
+# it, saying why.
 TINY_ARGS=()
 if [ "$FAMILY" = gemma4 ]; then
   LORA_TARGETS=${DEMO_LORA_TARGETS:-language}

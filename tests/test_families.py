@@ -157,7 +157,6 @@ def confident_gemma4_dir(tiny_gemma4_dir, eval_dataset, tmp_path_factory):
 
 @pytest.mark.slow  # trains the confident model
 def test_gemma4_score_and_generate_agree_on_a_confident_model(confident_gemma4_dir, eval_dataset, tmp_path):
-
     from tests.test_evaluate import run_eval
 
     scored = run_eval(confident_gemma4_dir, eval_dataset, tmp_path / "score", limit=3)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..artifacts import read_json
 from ..families import FamilyError, family_of
 from ..registry import Registry, RegistryError
 
@@ -200,10 +201,10 @@ def read_play(play_dir: str | Path) -> dict[str, Any]:
 
 def _mlx_unsupported(ctx: Ctx) -> str | None:
     """The family's reason mlx-vlm cannot export the merged model (None: export it)."""
+    config = read_json(Path(ctx.model_dir) / "config.json")
     try:
-        config = json.loads((Path(ctx.model_dir) / "config.json").read_text())
-        return family_of(config.get("model_type")).mlx_unsupported_reason(config)
-    except (OSError, ValueError, FamilyError):
+        return family_of(config.get("model_type")).mlx_unsupported_reason(config) if config else None
+    except FamilyError:
         return None  # the export stage itself names what is wrong with the folder
 
 
