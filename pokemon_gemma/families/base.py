@@ -97,7 +97,8 @@ class Family:
 
     # --- model inputs
     def images_bidirectional(self, config) -> bool:
-        """Whether image tokens attend to each other within an image when `token_type_key` is passed."""
+        """Whether image tokens attend to each other within an image when `token_type_key` is passed
+        (`config`: the model's config object or its config.json as a dict)."""
         return False
 
     def pixel_inputs(self, processor, images: list, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:

@@ -82,11 +82,15 @@ class Gemma4(Family):
         return (h // patch) * (w // patch) // (k * k)
 
     def images_bidirectional(self, config) -> bool:
-        return config.get_text_config().use_bidirectional_attention == "vision"
+        if isinstance(config, dict):  # a config.json read as is
+            setting = (config.get("text_config") or {}).get("use_bidirectional_attention")
+        else:
+            setting = getattr(config.get_text_config(), "use_bidirectional_attention", None)
+        return setting == "vision"
 
     def mlx_unsupported_reason(self, config: dict) -> str | None:
         # mlx-vlm 0.7.10 overlays the image blocks on full-attention layers too: the export would not match.
-        if (config.get("text_config") or {}).get("use_bidirectional_attention") == "vision":
+        if self.images_bidirectional(config):
             return (
                 "mlx-vlm 0.7.10 makes images attend bidirectionally on every layer, this Gemma 4 "
                 "(use_bidirectional_attention='vision') only on sliding layers: its MLX export could not match PyTorch"
