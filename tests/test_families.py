@@ -299,7 +299,7 @@ def test_make_tiny_model_bidirectional_images_is_gemma4_only(tmp_path):
     # --bidirectional_images builds the 26B/31B attention setting (images attend both ways on sliding layers).
     script = [sys.executable, "scripts/make_tiny_model.py", "--output_dir"]
     out = subprocess.run(
-        [*script, str(tmp_path / "g4"), "--family", "gemma4", "--bidirectional_images"],
+        [*script, str(tmp_path / "g4"), "--family", "gemma4", "--bidirectional_images", "--hidden_size", "128"],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
@@ -307,6 +307,7 @@ def test_make_tiny_model_bidirectional_images_is_gemma4_only(tmp_path):
     assert out.returncode == 0, out.stderr
     model = load_model(str(tmp_path / "g4")).eval()
     assert model.config.get_text_config().use_bidirectional_attention == "vision"
+    assert model.config.get_text_config().hidden_size == 128
     collator = Collator(load_processor(str(tmp_path / "g4")))
     assert collator.family.images_bidirectional(model.config)
     refused = subprocess.run(
@@ -316,6 +317,11 @@ def test_make_tiny_model_bidirectional_images_is_gemma4_only(tmp_path):
         refused.returncode == 2
         and refused.stderr == "error: --bidirectional_images is a Gemma 4 setting, not Gemma 3's\n"
     )
+    assert not (tmp_path / "g3").exists()
+    narrow = subprocess.run(
+        [*script, str(tmp_path / "g3"), "--hidden_size", "96"], cwd=REPO_ROOT, capture_output=True, text=True
+    )
+    assert narrow.returncode == 2 and narrow.stderr == "error: --hidden_size 96: use a positive multiple of 64\n"
     assert not (tmp_path / "g3").exists()
 
     # mlx-vlm would make those images bidirectional on full layers too: the export and the pipeline refuse it.

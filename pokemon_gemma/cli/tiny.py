@@ -18,6 +18,12 @@ def main(argv=None) -> int:
         "--image_tokens", type=int, default=70, help="Gemma 4: soft-token budget per image (70/140/280/560/1120)"
     )
     parser.add_argument(
+        "--hidden_size",
+        type=int,
+        default=64,
+        help="width of the language model (and of Gemma 3's vision tower); a multiple of 64",
+    )
+    parser.add_argument(
         "--bidirectional_images",
         action="store_true",
         help="Gemma 4: images attend bidirectionally on sliding layers (use_bidirectional_attention='vision', "
@@ -25,7 +31,11 @@ def main(argv=None) -> int:
     )
     args = parser.parse_args(argv)
     family = get_family(args.family)
+    if args.hidden_size <= 0 or args.hidden_size % 64:
+        print(f"error: --hidden_size {args.hidden_size}: use a positive multiple of 64", file=sys.stderr)
+        return 2
     kwargs = {"max_soft_tokens": args.image_tokens} if family.image_budgets else {"image_size": args.image_size}
+    kwargs["hidden_size"] = args.hidden_size
     if args.bidirectional_images:
         if family.name != "gemma4":
             print(f"error: --bidirectional_images is a Gemma 4 setting, not {family.display}'s", file=sys.stderr)
